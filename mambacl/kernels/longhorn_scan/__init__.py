@@ -1,0 +1,77 @@
+"""Longhorn's online-learning recurrence on the scan machinery: one public function with dispatch."""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from ..utils import (
+    _check_same_device,
+    _check_tensor,
+    MAX_D_STATE,
+    check_backend,
+    check_bc,
+    check_channel_vector,
+    check_finite,
+    check_sequence,
+)
+from .chunk import longhorn_scan_chunk
+from .ref import longhorn_scan_ref
+
+__all__ = ["longhorn_scan", "longhorn_scan_ref", "longhorn_scan_chunk", "check_longhorn_scan_args"]
+
+
+def check_longhorn_scan_args(u, delta, k, q, D=None, z=None, delta_bias=None) -> None:
+    """Validate shapes, dtypes, devices and finiteness; raise ValueError/TypeError naming the argument."""
+    _check_tensor("u", u, 3)
+    batch, dim, seqlen = u.shape
+    if seqlen < 1:
+        raise ValueError(f"u must have a sequence length >= 1, got shape {tuple(u.shape)}")
+    check_sequence("delta", delta, (batch, dim, seqlen))
+    check_sequence("z", z, (batch, dim, seqlen))
+    _check_tensor("k", k)
+    d_state = k.shape[-2] if k.dim() >= 3 else k.shape[-1]
+    if not 1 <= d_state <= MAX_D_STATE:
+        raise ValueError(f"k: d_state must be in [1, {MAX_D_STATE}], got {d_state}")
+    check_bc("k", k, batch, dim, d_state, seqlen)
+    check_bc("q", q, batch, dim, d_state, seqlen)
+    check_channel_vector("D", D, dim)
+    check_channel_vector("delta_bias", delta_bias, dim)
+    _check_same_device(u, delta=delta, k=k, q=q, D=D, z=z, delta_bias=delta_bias)
+    check_finite(D=D, delta_bias=delta_bias)
+
+
+def longhorn_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    k: torch.Tensor,
+    q: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    return_last_state: bool = False,
+    *,
+    backend: str = "auto",
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Longhorn scan: ``beta = sigmoid(delta + delta_bias)``, ``eps = beta / (1 + beta * |k|^2)``,
+    ``h_t = (1 - eps k^2) h_{t-1} + eps k u_t``, ``y_t = q_t h_t + D u_t``, gated by silu(z).
+
+    Args:
+        u, delta: ``[b, D, L]``; z: ``[b, D, L]`` or None.
+        k, q: constant ``[D, N]``, variable ``[b, N, L]`` or grouped ``[b, G, N, L]``.
+        D, delta_bias: ``[D]`` or None.
+        return_last_state: also return the final state ``[b, D, N]`` (no gradient).
+        backend: 'auto', 'reference', 'chunk' or 'triton'.
+    Returns:
+        out ``[b, D, L]`` in u's dtype, or ``(out, last_state)``.
+    """
+    check_longhorn_scan_args(u, delta, k, q, D, z, delta_bias)
+    resolved = check_backend(backend, u.device)
+    args = (u, delta, k, q, D, z, delta_bias, return_last_state)
+    if resolved == "reference":
+        return longhorn_scan_ref(*args)
+    if resolved == "chunk":
+        return longhorn_scan_chunk(*args)
+    from .triton import longhorn_scan_triton
+
+    return longhorn_scan_triton(*args)
