@@ -1,0 +1,75 @@
+"""Shared helpers for the benchmark scripts: machine description, timing, JSON and RESULTS.md output."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence
+
+import torch
+
+RESULTS_MD = Path(__file__).with_name("RESULTS.md")
+
+
+def machine_info() -> Dict[str, str]:
+    """Describe the machine and the code version a figure was measured on."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": str(os.cpu_count()),
+        "torch_threads": str(torch.get_num_threads()),
+        "commit": commit or "unknown",
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def describe_machine() -> str:
+    info = machine_info()
+    device = info.get("gpu", f"CPU only ({info['cpu_count']} cores, {info['torch_threads']} torch threads)")
+    return f"{device}; torch {info['torch']}, Python {info['python']}, commit {info['commit']}"
+
+
+def time_call(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
+    """Median wall time of fn() in seconds, synchronising CUDA around each call."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def markdown_table(header: Sequence[str], rows: List[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_outputs(name: str, payload: dict, table: str, title: str, notes: str = "", append: bool = True) -> None:
+    """Print the table, write ``<name>.json`` next to the scripts and append a section to RESULTS.md."""
+    print(table)
+    payload = {"machine": machine_info(), **payload}
+    Path(__file__).with_name(f"{name}.json").write_text(json.dumps(payload, indent=2))
+    if append:
+        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        section = f"\n## {title}\n\nMeasured {stamp} on {describe_machine()}.\n\n{table}\n"
+        if notes:
+            section += f"\n{notes}\n"
+        with RESULTS_MD.open("a") as f:
+            f.write(section)
