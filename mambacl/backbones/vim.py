@@ -1,0 +1,402 @@
+"""Vision Mamba (Vim): bidirectional state-space vision backbone, in timm conventions.
+
+Paper: "Vision Mamba: Efficient Visual Representation Learning with Bidirectional State Space Model",
+Zhu et al., arXiv 2401.09417. Origin: hustvl/Vim ``vim/models_mamba.py``. The same class serves the
+Longhorn mixer (arXiv 2407.14207) and the Mamba-CL layout (cls token appended last).
+
+Official checkpoints (DeiT-style ``{'model': state_dict}``, hub repos ``hustvl/Vim-{tiny,small,base}-midclstok``)
+load from a local file with ``timm.create_model(name, pretrained_file=PATH)`` or
+``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Set, Tuple, Union
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from timm.layers import DropPath, PatchEmbed, RmsNorm, resample_abs_pos_embed, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from .mamba import MIXERS, SSMBranch, no_weight_decay_names
+from . import longhorn  # noqa: F401  (registers the 'longhorn' mixer)
+
+__all__ = ["VisionMamba"]
+
+CLS_POSITIONS = ("middle", "last", "none")
+
+
+class StridedPatchEmbed(PatchEmbed):
+    """timm's PatchEmbed with a convolution stride that may be smaller than the patch (Vim's stride-8 models)."""
+
+    def __init__(self, img_size: Union[int, Tuple[int, int]], patch_size: int, stride: int, in_chans: int,
+                 embed_dim: int) -> None:
+        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
+        if stride != patch_size:
+            self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride)
+            self.grid_size = tuple((s - p) // stride + 1 for s, p in zip(self.img_size, self.patch_size))
+            self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+
+class Block(nn.Module):
+    """Vim residual block ``Add -> RMSNorm -> mixer`` with an fp32 residual stream.
+
+    ``drop_path`` applies to the incoming mixer output of the previous block, as in Vim.
+    """
+
+    def __init__(self, dim: int, mixer: nn.Module, drop_path: float = 0.0, norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        self.norm = RmsNorm(dim, eps=norm_eps)
+        self.mixer = mixer
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, hidden: torch.Tensor, residual: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Args: hidden, residual ``[b, T, dim]`` (residual None in the first block). Returns both, updated."""
+        residual = hidden.float() if residual is None else residual + self.drop_path(hidden).float()
+        return self.mixer(self.norm(residual.to(self.norm.weight.dtype))), residual
+
+
+class VisionMamba(nn.Module):
+    """Vision Mamba: patch embedding, absolute position embedding, cls token, residual SSM blocks, head.
+
+    Args:
+        img_size: input size (int or (H, W)).
+        patch_size: patch (conv kernel) size.
+        stride: conv stride, defaults to patch_size (8 for Vim's stride-8 models).
+        in_chans: input channels.
+        depth: number of blocks.
+        embed_dim: width.
+        d_state: SSM state size N.
+        expand: mixer expansion (``d_inner = expand * embed_dim``).
+        mixer: a key of ``mambacl.backbones.MIXERS`` ('mamba', 'longhorn', ...).
+        bidirectional: Vim "bimamba v2" (forward + backward branch).
+        cls_token_position: 'middle' (Vim, index M//2 of M patches), 'last' (Mamba-CL) or 'none' (mean pool).
+        drop_rate: dropout before the head; pos_drop_rate: dropout after the position embedding.
+        drop_path_rate: stochastic depth, rising linearly over the blocks.
+        num_classes: head outputs (0 for no head).
+        scan_impl: kernel backend, 'auto', 'reference', 'chunk' or 'triton'.
+        norm_eps: RMSNorm epsilon.
+
+    Examples:
+        >>> model = VisionMamba(img_size=8, patch_size=2, in_chans=1, depth=1, embed_dim=16, num_classes=10)
+        >>> model(torch.randn(2, 1, 8, 8)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 16,
+                 stride: Optional[int] = None, in_chans: int = 3, depth: int = 24, embed_dim: int = 192,
+                 d_state: int = 16, expand: int = 2, mixer: str = "mamba", bidirectional: bool = True,
+                 cls_token_position: str = "middle", drop_rate: float = 0.0, pos_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, num_classes: int = 1000, scan_impl: str = "auto",
+                 norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        if mixer not in MIXERS:
+            raise ValueError(f"mixer must be one of {sorted(MIXERS)}, got {mixer!r}")
+        if cls_token_position not in CLS_POSITIONS:
+            raise ValueError(f"cls_token_position must be one of {CLS_POSITIONS}, got {cls_token_position!r}")
+        for name, value in (("patch_size", patch_size), ("depth", depth), ("embed_dim", embed_dim),
+                            ("in_chans", in_chans)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        stride = patch_size if stride is None else stride
+        self.num_classes = num_classes
+        self.num_features = self.embed_dim = embed_dim
+        self.cls_token_position = cls_token_position
+        self.grad_checkpointing = False
+
+        self.patch_embed = StridedPatchEmbed(img_size, patch_size, stride, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_index = {"middle": num_patches // 2, "last": num_patches, "none": None}[cls_token_position]
+        self.num_prefix_tokens = 0 if self.cls_index is None else 1
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if self.cls_index is not None else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+
+        # Vim: block i drops the output of block i-1; the final add uses drop_path_rate.
+        dpr = [0.0] + [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.layers = nn.ModuleList([
+            Block(embed_dim, MIXERS[mixer](embed_dim, d_state=d_state, expand=expand, bidirectional=bidirectional,
+                                           scan_impl=scan_impl), dpr[i], norm_eps)
+            for i in range(depth)])
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+        self.norm_f = RmsNorm(embed_dim, eps=norm_eps)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        reduction = self.patch_embed.proj.stride[0]
+        self.feature_info = [dict(num_chs=embed_dim, reduction=reduction, module=f"layers.{i}") for i in range(depth)]
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Vim/Mamba init: trunc-normal tokens and head, out_proj scaled by 1/sqrt(depth), mixer inits kept."""
+        trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            trunc_normal_(self.cls_token, std=0.02)
+        if isinstance(self.head, nn.Linear):
+            trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+        with torch.no_grad():
+            for name, p in self.layers.named_parameters():
+                if name.endswith("out_proj.weight"):
+                    p.div_(math.sqrt(len(self.layers)))
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """pos_embed, cls_token and every parameter flagged ``_no_weight_decay`` (A_log, D, dt_proj.bias)."""
+        return {"pos_embed", "cls_token"} | no_weight_decay_names(self)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(stem=r"^cls_token|^pos_embed|^patch_embed",
+                    blocks=[(r"^layers\.(\d+)", None), (r"^norm_f", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the head by a freshly initialised one with ``num_classes`` outputs (0 removes it)."""
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    def ssm_branches(self) -> List[Tuple[str, SSMBranch]]:
+        """``(name, branch)`` for every SSM direction, in layer order."""
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, SSMBranch)]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x ``[b, C, H, W]``. Returns the normalised tokens ``[b, T, dim]`` (cls at ``cls_index``)."""
+        x = self.patch_embed(x)
+        if self.cls_token is not None:
+            cls = self.cls_token.expand(x.shape[0], -1, -1)
+            x = torch.cat([x[:, :self.cls_index], cls, x[:, self.cls_index:]], dim=1)
+        hidden, residual = self.pos_drop(x + self.pos_embed), None
+        for block in self.layers:
+            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+                hidden, residual = checkpoint(block, hidden, residual, use_reentrant=False)
+            else:
+                hidden, residual = block(hidden, residual)
+        residual = residual + self.drop_path(hidden).float()
+        return self.norm_f(residual.to(self.norm_f.weight.dtype))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Args: x ``[b, T, dim]`` from forward_features. Returns logits ``[b, classes]`` or features ``[b, dim]``."""
+        x = x.mean(dim=1) if self.cls_index is None else x[:, self.cls_index]
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+_VIM_MIXER_KEYS = {  # official Vim mixer key -> (branch, native key)
+    "conv1d": ("fwd", "conv1d"), "conv1d_b": ("bwd", "conv1d"),
+    "dt_proj": ("fwd", "dt_proj"), "dt_proj_b": ("bwd", "dt_proj"),
+    "dt_head": ("fwd", "dt_proj"), "dt_head_b": ("bwd", "dt_proj"),
+    "A_log": ("fwd", "A_log"), "A_b_log": ("bwd", "A_log"), "D": ("fwd", "D"), "D_b": ("bwd", "D"),
+}
+
+
+def _convert_mixer_key(prefix: str, key: str, value: torch.Tensor, model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Map one official mixer entry (``key`` below ``prefix``) to native names; split x_proj into three."""
+    head, _, tail = key.partition(".")
+    if head in ("x_proj", "x_proj_b") and tail == "weight":
+        branch_name = "fwd" if head == "x_proj" else "bwd"
+        try:
+            branch = model.get_submodule(prefix + branch_name)
+        except AttributeError:
+            return {prefix + key: value}  # left for the unexpected-key check
+        sizes = [branch.dt_rank, branch.d_state, branch.d_state]
+        if value.dim() != 2 or value.shape[0] != sum(sizes):
+            raise ValueError(f"checkpoint {prefix + key} has shape {tuple(value.shape)}, expected "
+                             f"({sum(sizes)}, d_inner) = dt_rank {sizes[0]} + 2 * d_state {sizes[1]} rows")
+        parts = value.split(sizes, dim=0)
+        return {f"{prefix}{branch_name}.x_proj_{s}.weight": p for s, p in zip(("dt", "B", "C"), parts)}
+    if head in _VIM_MIXER_KEYS:
+        branch_name, native = _VIM_MIXER_KEYS[head]
+        return {f"{prefix}{branch_name}.{native}" + (f".{tail}" if tail else ""): value}
+    return {prefix + key: value}
+
+
+def _resample_pos_embed(posemb: torch.Tensor, model: VisionMamba) -> torch.Tensor:
+    """Interpolate a checkpoint pos_embed to the model's grid, keeping the cls row at its layout position."""
+    n_old = posemb.shape[1] - model.num_prefix_tokens
+    side = math.isqrt(n_old)
+    if side * side != n_old or posemb.shape[-1] != model.embed_dim:
+        raise ValueError(f"checkpoint pos_embed has shape {tuple(posemb.shape)}, which is not a square grid of "
+                         f"{model.embed_dim}-dim rows plus {model.num_prefix_tokens} cls row(s)")
+    if model.cls_index is None:
+        return resample_abs_pos_embed(posemb, list(model.patch_embed.grid_size), [side, side], num_prefix_tokens=0)
+    old_index = n_old // 2 if model.cls_token_position == "middle" else n_old
+    cls_row = posemb[:, old_index:old_index + 1]
+    patches = torch.cat([posemb[:, :old_index], posemb[:, old_index + 1:]], dim=1)
+    patches = resample_abs_pos_embed(patches, list(model.patch_embed.grid_size), [side, side], num_prefix_tokens=0)
+    return torch.cat([patches[:, :model.cls_index], cls_row, patches[:, model.cls_index:]], dim=1)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: VisionMamba, strict: bool = True) -> Dict[str, torch.Tensor]:
+    """Convert an official Vim (or native) state dict for ``model``.
+
+    Unwraps ``{'model': ...}``, splits ``x_proj`` / ``x_proj_b`` into x_proj_dt/B/C, renames the ``*_b``
+    backward tensors, resamples ``pos_embed`` to the model's grid and replaces a head of another size by
+    the model's own. Raises ValueError listing missing/unexpected keys (unexpected keys are dropped and
+    missing ones kept at their init when ``strict=False``) and tensors whose shape cannot match.
+    """
+    if isinstance(state_dict.get("model"), dict):
+        state_dict = state_dict["model"]
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        key = key[len("module."):] if key.startswith("module.") else key
+        match = re.match(r"^(layers\.\d+\.mixer\.)(.+)$", key)
+        out.update(_convert_mixer_key(match.group(1), match.group(2), value, model) if match else {key: value})
+
+    own = model.state_dict()
+    if "pos_embed" in out and out["pos_embed"].shape != own["pos_embed"].shape:
+        out["pos_embed"] = _resample_pos_embed(out["pos_embed"], model)
+    for name in ("head.weight", "head.bias"):
+        if name in out and (name not in own or out[name].shape != own[name].shape):
+            del out[name]
+            if name in own:
+                out[name] = own[name]
+
+    missing = sorted(set(own) - set(out))
+    unexpected = sorted(set(out) - set(own))
+    if strict and (missing or unexpected):
+        raise ValueError(f"checkpoint does not match the model: missing keys {missing}, unexpected keys {unexpected}")
+    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in out.items()
+           if k in own and v.shape != own[k].shape and k != "patch_embed.proj.weight"]  # timm adapts in_chans
+    if bad:
+        raise ValueError("checkpoint tensors with wrong shapes: " + "; ".join(bad))
+    return {k: v for k, v in out.items() if k in own}
+
+
+def load_checkpoint(model: VisionMamba, path: Union[str, Path], strict: bool = True) -> VisionMamba:
+    """Load an official Vim (or native) checkpoint file into ``model`` through :func:`checkpoint_filter_fn`.
+
+    The file may hold the DeiT-style training dict (``model``, ``args`` Namespace, ...); only tensors are
+    unpickled (``weights_only``, with argparse.Namespace allowed).
+    """
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"checkpoint {path} must hold a dict, got {type(state_dict).__name__}")
+    model.load_state_dict(checkpoint_filter_fn(state_dict, model, strict=strict), strict=strict)
+    return model
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
+        "interpolation": "bicubic", "fixed_input_size": True, "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225), "first_conv": "patch_embed.proj", "classifier": "head",
+        "license": "apache-2.0", **kwargs,
+    }
+
+
+_CIFAR = dict(input_size=(3, 32, 32), crop_pct=1.0)
+default_cfgs = generate_default_cfgs({
+    "vim_tiny_patch16_224.in1k": _cfg(paper_ids="arXiv:2401.09417", origin_url="https://huggingface.co/hustvl/Vim-tiny-midclstok"),
+    "vim_tiny_patch16_stride8_224.in1k": _cfg(paper_ids="arXiv:2401.09417"),
+    "vim_small_patch16_224.in1k": _cfg(paper_ids="arXiv:2401.09417", origin_url="https://huggingface.co/hustvl/Vim-small-midclstok"),
+    "vim_small_patch16_stride8_224.in1k": _cfg(paper_ids="arXiv:2401.09417"),
+    "vim_base_patch16_224.in1k": _cfg(paper_ids="arXiv:2401.09417", origin_url="https://huggingface.co/hustvl/Vim-base-midclstok"),
+    "longhorn_vim_tiny_patch16_224": _cfg(paper_ids="arXiv:2407.14207"),
+    "longhorn_vim_small_patch16_224": _cfg(paper_ids="arXiv:2407.14207"),
+    "longhorn_vim_base_patch16_224": _cfg(paper_ids="arXiv:2407.14207"),
+    "test_vim": _cfg(**_CIFAR),
+    "test_longhorn_vim": _cfg(**_CIFAR),
+})
+
+
+def _create_vim(variant: str, pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Build through timm; ``pretrained_file=PATH`` (and ``pretrained_strict``) loads a local official checkpoint."""
+    pretrained_file = kwargs.pop("pretrained_file", None)
+    strict = kwargs.pop("pretrained_strict", True)
+    model = build_model_with_cfg(VisionMamba, variant, pretrained,
+                                 pretrained_filter_fn=partial(checkpoint_filter_fn, strict=strict),
+                                 pretrained_strict=strict, **kwargs)
+    if pretrained_file is not None:
+        load_checkpoint(model, pretrained_file, strict=strict)
+    return model
+
+
+def _vim(variant: str, pretrained: bool, defaults: Dict[str, Any], kwargs: Dict[str, Any]) -> VisionMamba:
+    return _create_vim(variant, pretrained=pretrained, **dict(defaults, **kwargs))
+
+
+_TINY = dict(patch_size=16, embed_dim=192, depth=24)
+_SMALL = dict(patch_size=16, embed_dim=384, depth=24)
+_BASE = dict(patch_size=16, embed_dim=768, depth=24)
+_TEST = dict(img_size=32, patch_size=4, embed_dim=32, depth=2)
+
+
+@register_model
+def vim_tiny_patch16_224(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Vim-tiny (7M): dim 192, depth 24, middle cls token, bimamba v2."""
+    return _vim("vim_tiny_patch16_224", pretrained, _TINY, kwargs)
+
+
+@register_model
+def vim_tiny_patch16_stride8_224(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Vim-tiny+ with an 8-px patch stride (729 patches at 224 px)."""
+    return _vim("vim_tiny_patch16_stride8_224", pretrained, dict(_TINY, stride=8), kwargs)
+
+
+@register_model
+def vim_small_patch16_224(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Vim-small (26M): dim 384, depth 24."""
+    return _vim("vim_small_patch16_224", pretrained, _SMALL, kwargs)
+
+
+@register_model
+def vim_small_patch16_stride8_224(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Vim-small+ with an 8-px patch stride."""
+    return _vim("vim_small_patch16_stride8_224", pretrained, dict(_SMALL, stride=8), kwargs)
+
+
+@register_model
+def vim_base_patch16_224(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Vim-base (98M): dim 768, depth 24."""
+    return _vim("vim_base_patch16_224", pretrained, _BASE, kwargs)
+
+
+@register_model
+def longhorn_vim_tiny_patch16_224(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Vim-tiny layout with bidirectional Longhorn mixers."""
+    return _vim("longhorn_vim_tiny_patch16_224", pretrained, dict(_TINY, mixer="longhorn"), kwargs)
+
+
+@register_model
+def longhorn_vim_small_patch16_224(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Vim-small layout with bidirectional Longhorn mixers."""
+    return _vim("longhorn_vim_small_patch16_224", pretrained, dict(_SMALL, mixer="longhorn"), kwargs)
+
+
+@register_model
+def longhorn_vim_base_patch16_224(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Vim-base layout with bidirectional Longhorn mixers."""
+    return _vim("longhorn_vim_base_patch16_224", pretrained, dict(_BASE, mixer="longhorn"), kwargs)
+
+
+@register_model
+def test_vim(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Tiny CI model: 32 px, patch 4, dim 32, depth 2."""
+    return _vim("test_vim", pretrained, _TEST, kwargs)
+
+
+@register_model
+def test_longhorn_vim(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Tiny CI model with Longhorn mixers."""
+    return _vim("test_longhorn_vim", pretrained, dict(_TEST, mixer="longhorn"), kwargs)
