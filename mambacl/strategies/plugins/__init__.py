@@ -1,0 +1,4 @@
+"""Avalanche plugins of mambacl."""
+from mambacl.strategies.plugins.nullspace import NullSpacePlugin
+
+__all__ = ["NullSpacePlugin"]
