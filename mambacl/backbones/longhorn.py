@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..kernels import longhorn_scan
-from .mamba import SSMBranch, SSMMixer, register_mixer
+from .mamba import SSMBranch, SSMMixer, _at_least_fp32, register_mixer
 
 __all__ = ["LonghornBranch", "LonghornMixer"]
 
@@ -29,7 +29,8 @@ class LonghornBranch(SSMBranch):
         return beta / (1 + beta * B.square().sum(-1, keepdim=True))
 
     def scan(self, x, dt, B, C, z):
-        return longhorn_scan(x, dt, B, C, self.D.float(), z, self.dt_proj.bias.float(), backend=self.scan_impl)
+        return longhorn_scan(x, dt, B, C, _at_least_fp32(self.D), z, _at_least_fp32(self.dt_proj.bias),
+                             backend=self.scan_impl)
 
 
 @register_mixer("longhorn")

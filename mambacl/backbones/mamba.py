@@ -24,6 +24,11 @@ __all__ = [
 ]
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """SSM parameters enter the scan in fp32 even in half-precision models (float64 is kept)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -117,8 +122,8 @@ class MambaBranch(SSMBranch):
         return F.softplus(dt + self.dt_proj.bias)
 
     def scan(self, x, dt, B, C, z):
-        return selective_scan(x, dt, -torch.exp(self.A_log.float()), B, C, self.D.float(), z,
-                              self.dt_proj.bias.float(), delta_softplus=True, backend=self.scan_impl)
+        return selective_scan(x, dt, -torch.exp(_at_least_fp32(self.A_log)), B, C, _at_least_fp32(self.D), z,
+                              _at_least_fp32(self.dt_proj.bias), delta_softplus=True, backend=self.scan_impl)
 
 
 class SSMMixer(nn.Module):
