@@ -103,6 +103,7 @@ def build_projector(null_basis: torch.Tensor, kind: ProjectorKind = "soft", eta:
     if kind not in PROJECTORS:
         raise ValueError(f"kind must be one of {PROJECTORS}, got {kind!r}")
     p0 = null_basis @ null_basis.T
+    p0 = (p0 + p0.T) / 2  # exactly symmetric despite rounding
     if kind == "strict":
         return p0
     k = null_basis.shape[1]
