@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, PatchEmbed, RmsNorm, resample_abs_pos_embed, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import adapt_input_conv, build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices  # not re-exported by timm.models
 
 from .mamba import MIXERS, SSMBranch, no_weight_decay_names
 from . import longhorn  # noqa: F401  (registers the 'longhorn' mixer)
@@ -176,20 +177,60 @@ class VisionMamba(nn.Module):
         """``(name, branch)`` for every SSM direction, in layer order."""
         return [(n, m) for n, m in self.named_modules() if isinstance(m, SSMBranch)]
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x ``[b, C, H, W]``. Returns the normalised tokens ``[b, T, dim]`` (cls at ``cls_index``)."""
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens with the cls token inserted and the position embedding added, ``[b, T, dim]``."""
         x = self.patch_embed(x)
         if self.cls_token is not None:
             cls = self.cls_token.expand(x.shape[0], -1, -1)
             x = torch.cat([x[:, :self.cls_index], cls, x[:, self.cls_index:]], dim=1)
-        hidden, residual = self.pos_drop(x + self.pos_embed), None
-        for block in self.layers:
-            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-                hidden, residual = checkpoint(block, hidden, residual, use_reentrant=False)
-            else:
-                hidden, residual = block(hidden, residual)
+        return self.pos_drop(x + self.pos_embed)
+
+    def _block(self, block: Block, hidden: torch.Tensor,
+               residual: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+            return checkpoint(block, hidden, residual, use_reentrant=False)
+        return block(hidden, residual)
+
+    def _final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         residual = residual + self.drop_path(hidden).float()
         return self.norm_f(residual.to(self.norm_f.weight.dtype))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x ``[b, C, H, W]``. Returns the normalised tokens ``[b, T, dim]`` (cls at ``cls_index``)."""
+        hidden, residual = self._embed(x), None
+        for block in self.layers:
+            hidden, residual = self._block(block, hidden, residual)
+        return self._final_norm(hidden, residual)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NLC",
+                              intermediates_only: bool = False
+                              ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Tokens after selected blocks (the residual stream, ``[b, T, dim]``), timm's feature API.
+
+        Args:
+            x: images ``[b, C, H, W]``.
+            indices: last n blocks if int, all if None, else the block indices.
+            norm: apply norm_f to the intermediates.
+            stop_early: skip the blocks after the last requested one.
+            output_fmt: only 'NLC' (token sequences; the cls token sits inside the sequence).
+            intermediates_only: return only the list.
+        Returns:
+            ``(final tokens, intermediates)`` or the list of intermediates.
+        """
+        if output_fmt != "NLC":
+            raise ValueError(f"output_fmt must be 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        layers = self.layers[:max_index + 1] if stop_early else self.layers
+        intermediates, hidden, residual = [], self._embed(x), None
+        for i, block in enumerate(layers):
+            hidden, residual = self._block(block, hidden, residual)
+            if i in take_indices:
+                feat = residual + hidden.float()
+                intermediates.append(self.norm_f(feat.to(self.norm_f.weight.dtype)) if norm else feat)
+        if intermediates_only:
+            return intermediates
+        return self._final_norm(hidden, residual), intermediates
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Args: x ``[b, T, dim]`` from forward_features. Returns logits ``[b, classes]`` or features ``[b, dim]``."""
@@ -250,8 +291,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: VisionMamba, strict:
     """Convert an official Vim (or native) state dict for ``model``.
 
     Unwraps ``{'model': ...}``, splits ``x_proj`` / ``x_proj_b`` into x_proj_dt/B/C, renames the ``*_b``
-    backward tensors, resamples ``pos_embed`` to the model's grid and replaces a head of another size by
-    the model's own. Raises ValueError listing missing/unexpected keys (unexpected keys are dropped and
+    backward tensors, adapts the stem to the model's in_chans, resamples ``pos_embed`` to the model's grid
+    and replaces a head of another size by the model's own. Raises ValueError listing missing/unexpected keys (unexpected keys are dropped and
     missing ones kept at their init when ``strict=False``) and tensors whose shape cannot match.
     """
     if isinstance(state_dict.get("model"), dict):
@@ -263,6 +304,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: VisionMamba, strict:
         out.update(_convert_mixer_key(match.group(1), match.group(2), value, model) if match else {key: value})
 
     own = model.state_dict()
+    stem = out.get("patch_embed.proj.weight")
+    if stem is not None and stem.dim() == 4 and stem.shape[1] != own["patch_embed.proj.weight"].shape[1]:
+        out["patch_embed.proj.weight"] = adapt_input_conv(own["patch_embed.proj.weight"].shape[1], stem, stem.shape[1])
     if "pos_embed" in out and out["pos_embed"].shape != own["pos_embed"].shape:
         out["pos_embed"] = _resample_pos_embed(out["pos_embed"], model)
     for name in ("head.weight", "head.bias"):
@@ -276,7 +320,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: VisionMamba, strict:
     if strict and (missing or unexpected):
         raise ValueError(f"checkpoint does not match the model: missing keys {missing}, unexpected keys {unexpected}")
     bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in out.items()
-           if k in own and v.shape != own[k].shape and k != "patch_embed.proj.weight"]  # timm adapts in_chans
+           if k in own and v.shape != own[k].shape]
     if bad:
         raise ValueError("checkpoint tensors with wrong shapes: " + "; ".join(bad))
     return {k: v for k, v in out.items() if k in own}

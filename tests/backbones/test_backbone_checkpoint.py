@@ -107,6 +107,13 @@ def test_head_of_another_size_is_replaced(tmp_path):
     assert headless(torch.randn(1, 3, 32, 32)).shape == (1, DIM)
 
 
+def test_rgb_checkpoint_into_one_channel_model(tmp_path):
+    sd = official_state_dict(grid=8)
+    model = timm.create_model("test_vim", in_chans=1, pretrained_file=_save(tmp_path, sd))
+    torch.testing.assert_close(model.patch_embed.proj.weight, sd["patch_embed.proj.weight"].sum(1, keepdim=True))
+    _check_loaded(model, sd)
+
+
 def test_wrong_shape_raises_naming_the_key(tmp_path):
     sd = official_state_dict(grid=8)
     sd["layers.1.mixer.x_proj_b.weight"] = torch.randn(R + N, D_INNER)

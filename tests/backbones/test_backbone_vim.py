@@ -122,6 +122,23 @@ def test_grad_checkpointing_matches():
         torch.testing.assert_close(p.grad, grads[n], msg=n)
 
 
+def test_forward_intermediates():
+    model = timm.create_model("test_vim", depth=3, num_classes=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    seen = []
+    for block in model.layers:  # each block's input residual is the previous block's residual + output
+        block.norm.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    final, feats = model.forward_intermediates(x, indices=[0, 1])
+    assert len(feats) == 2 and feats[0].shape == (2, 65, 32)
+    torch.testing.assert_close(feats[0], seen[1])
+    torch.testing.assert_close(feats[1], seen[2])
+    torch.testing.assert_close(final, model.forward_features(x))
+    last = model.forward_intermediates(x, indices=1, norm=True, intermediates_only=True)
+    torch.testing.assert_close(last[0], final)
+    with pytest.raises(ValueError, match="output_fmt"):
+        model.forward_intermediates(x, output_fmt="NCHW")
+
+
 def test_drop_path_rises_linearly_and_no_weight_decay():
     model = VisionMamba(img_size=16, patch_size=4, depth=3, embed_dim=16, drop_path_rate=0.2, num_classes=2)
     # block i drops block i-1's output: rates [0, 0, 0.1], final add 0.2 (Vim's inter_dpr).
