@@ -80,7 +80,7 @@ def main(argv: List[str] | None = None) -> None:
                 seconds = time_call(train_step_fn(model, args.batch, size, device), repeat=args.steps, warmup=1)
                 result[name] = args.batch / seconds
             vim, deit = result["vim_tiny_patch16_224"], result["deit_tiny_patch16_224"]
-            rows.append([device.type, size, args.batch, f"{vim:.1f}", f"{deit:.1f}", f"{vim / deit:.2f}", f"{err:.1e}"])
+            rows.append([device.type, size, args.batch, f"{vim:.3g}", f"{deit:.3g}", f"{vim / deit:.3g}", f"{err:.1e}"])
             records.append(dict(device=device.type, img_size=size, batch=args.batch, steps=args.steps,
                                 scan_impl=args.scan_impl, vim_tiny_img_s=vim, deit_tiny_img_s=deit,
                                 ref_check_max_err=err))
