@@ -28,7 +28,8 @@ class LonghornBranch(SSMBranch):
         beta = torch.sigmoid(dt + self.dt_proj.bias)
         return beta / (1 + beta * B.square().sum(-1, keepdim=True))
 
-    def scan(self, x, dt, B, C, z):
+    def scan(self, x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+             z: torch.Tensor) -> torch.Tensor:
         return longhorn_scan(x, dt, B, C, _at_least_fp32(self.D), z, _at_least_fp32(self.dt_proj.bias),
                              backend=self.scan_impl)
 

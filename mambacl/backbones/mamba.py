@@ -121,7 +121,8 @@ class MambaBranch(SSMBranch):
         """``delta = softplus(dt + dt_proj.bias)``, ``[b, L, D]``."""
         return F.softplus(dt + self.dt_proj.bias)
 
-    def scan(self, x, dt, B, C, z):
+    def scan(self, x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+             z: torch.Tensor) -> torch.Tensor:
         return selective_scan(x, dt, -torch.exp(_at_least_fp32(self.A_log)), B, C, _at_least_fp32(self.D), z,
                               _at_least_fp32(self.dt_proj.bias), delta_softplus=True, backend=self.scan_impl)
 

@@ -6,7 +6,7 @@ it. Tensors that cost extra work (e.g. the delta-weighted covariance) are comput
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 from torch import nn
@@ -49,7 +49,7 @@ class record_taps:
         torch.Size([1, 5, 16])
     """
 
-    def __init__(self, module: nn.Module, suffixes: tuple) -> None:
+    def __init__(self, module: nn.Module, suffixes: Sequence[str]) -> None:
         self.taps = {name: m for name, m in module.named_modules()
                      if isinstance(m, Tap) and name.rsplit(".", 1)[-1] in suffixes}
         if not self.taps:

@@ -42,7 +42,7 @@ def test_construct_registered_model(name, meta):
     assert isinstance(model, VisionMamba) and model.head.out_features == 5
     assert model.pos_embed.is_meta and model.layers[0].mixer.fwd.dt_proj.bias.is_meta
     branches = [m for m in model.modules() if isinstance(m, SSMBranch)]
-    assert len(branches) == 2 * len(model.layers)
+    assert len(branches) == 2 * len(model.layers) and [m for _, m in model.ssm_branches()] == branches
     mixer_cls = LonghornMixer if "longhorn" in name else MambaMixer
     assert all(isinstance(layer.mixer, mixer_cls) for layer in model.layers)
     grid = model.patch_embed.grid_size
