@@ -148,7 +148,7 @@ def match_kinds(names: Sequence[str], kinds: Sequence[str], what: str, extra: Se
     for kind in kinds:
         hits = {n for n in names if kind in _components(n)}
         if not hits and kind not in extra:
-            raise ValueError(f"{what} entry {kind!r} matches no parameter of the model "
+            raise ValueError(f"{what} entry {kind!r} matches no name of the model "
                              f"(entries are name components such as 'x_proj_dt', 'A_log', 'out_proj', 'head')")
         matched |= hits
     return matched

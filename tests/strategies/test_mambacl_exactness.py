@@ -93,3 +93,35 @@ def test_token_exact_parameters_keep_old_outputs(plugin):
         assert change < 1e-4
     else:
         assert change > 1e-2
+
+
+@pytest.mark.filterwarnings("ignore:.*no collected features")
+def test_adam_nscl_layer_plan_keeps_linear_and_conv_outputs():
+    plugin = NullSpacePlugin(protect="layers", selection="kernel", projector="strict", progress=False,
+                             trainable=("protected", "head"))
+    torch.manual_seed(0)
+    bench = split_digits(per_class=(4, 16))
+    model = tiny_vim(patch_size=4, embed_dim=16)
+    inputs = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and "head" not in name.split("."):
+            mod.register_forward_pre_hook(lambda m, a, name=name: inputs.__setitem__(name, (m, a[0].detach())))
+    strategy = Naive(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1),
+                     train_mb_size=4, train_epochs=4, plugins=[plugin], evaluator=EvaluationPlugin(loggers=[]))
+    strategy.train(bench.train_stream[0])
+    model.eval()
+    with torch.no_grad():
+        model(torch.stack([bench.train_stream[0].dataset[i][0] for i in range(4)]))
+    old = {n: (m, x, m.weight.detach().clone()) for n, (m, x) in inputs.items()}
+    strategy.train(bench.train_stream[1])
+    moved = 0
+    for name, (mod, x, w_old) in old.items():
+        fn = torch.nn.functional.conv2d if isinstance(mod, torch.nn.Conv2d) else torch.nn.functional.linear
+        kw = dict(stride=mod.stride, padding=mod.padding) if isinstance(mod, torch.nn.Conv2d) else {}
+        y_old, y_new = fn(x.double(), w_old.double(), **kw), fn(x.double(), mod.weight.detach().double(), **kw)
+        assert ((y_new - y_old).norm() / y_old.norm()).item() < 1e-5, name
+        moved += int(not torch.equal(w_old, mod.weight.detach()))
+    assert len(old) == 1 + 2 * 8 and moved >= 2 * 6  # patch conv + per block in_proj, out_proj, 2 x (x_proj x3)
+    # dt_proj runs through F.linear (no forward of its own), so it has no features and must stay frozen
+    dt = [p for n, p in model.named_parameters() if n.endswith("dt_proj.weight")]
+    assert dt and not any(p.requires_grad for p in dt)

@@ -1,6 +1,7 @@
 """NullSpacePlugin: Mamba-CL (and Adam-NSCL) null-space projection of the optimizer's actual update."""
 from __future__ import annotations
 
+import warnings
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -87,6 +88,7 @@ class NullSpacePlugin(SupervisedPlugin):
         unknown = set(plan.params) - set(params)
         if unknown:
             raise ValueError(f"protected parameters not found in the model: {sorted(unknown)}")
+        match_kinds([n for n, _ in model.named_modules()], self.exclude, "exclude", extra=("head",))
         if self.trainable is not None:
             train = match_kinds(list(params), self.trainable, "trainable", extra=("protected", "head"))
             if "protected" in self.trainable:
@@ -96,6 +98,10 @@ class NullSpacePlugin(SupervisedPlugin):
         self._active = {}
         for name, (key, side) in plan.params.items():
             p, proj = params[name], self.engine.projectors.get(key)
+            if proj is None and self.engine.projectors and p.requires_grad:
+                # its module never ran forward (e.g. dt_proj applied through F.linear): no features, so freeze
+                warnings.warn(f"{name} has no collected features and is frozen to keep old experiences intact")
+                p.requires_grad_(False)
             if proj is None or not p.requires_grad:
                 continue
             width = p.shape[0] if side == "left" else p[0].numel()
