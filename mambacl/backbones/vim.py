@@ -24,7 +24,7 @@ from timm.layers import DropPath, PatchEmbed, RmsNorm, resample_abs_pos_embed, t
 from timm.models import adapt_input_conv, build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices  # not re-exported by timm.models
 
-from .mamba import MIXERS, SSMBranch, no_weight_decay_names
+from .mamba import MIXERS, SSMBranch, _check_positive_int, no_weight_decay_names
 from . import longhorn  # noqa: F401  (registers the 'longhorn' mixer)
 
 __all__ = ["VisionMamba"]
@@ -100,13 +100,12 @@ class VisionMamba(nn.Module):
             raise ValueError(f"mixer must be one of {sorted(MIXERS)}, got {mixer!r}")
         if cls_token_position not in CLS_POSITIONS:
             raise ValueError(f"cls_token_position must be one of {CLS_POSITIONS}, got {cls_token_position!r}")
-        for name, value in (("patch_size", patch_size), ("depth", depth), ("embed_dim", embed_dim),
-                            ("in_chans", in_chans)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        stride = patch_size if stride is None else stride
+        for name, value in (("patch_size", patch_size), ("stride", stride), ("depth", depth),
+                            ("embed_dim", embed_dim), ("in_chans", in_chans)):
+            _check_positive_int(name, value)
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
-        stride = patch_size if stride is None else stride
         self.num_classes = num_classes
         self.num_features = self.embed_dim = embed_dim
         self.cls_token_position = cls_token_position

@@ -169,6 +169,8 @@ def test_bad_model_arguments():
         VisionMamba(cls_token_position="first")
     with pytest.raises(ValueError, match="depth"):
         VisionMamba(depth=0)
+    with pytest.raises(ValueError, match="stride"):
+        VisionMamba(stride=0)
 
 
 def test_torch_compile_matches_eager():
