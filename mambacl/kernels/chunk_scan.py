@@ -168,7 +168,7 @@ def chunk_scan_fwd(form_name: str, u: torch.Tensor, delta: torch.Tensor, P: Opti
     pre = _seq_from_tm(y, p.batch, p.dim, p.seqlen)
     if D is not None:
         pre = pre + D.to(p.cdt)[None, :, None] * u.to(p.cdt)
-    out = _gate_out(pre, z).to(u.dtype)
+    out = _gate_out(pre, z).to(u.dtype).contiguous()
     return out, h0.reshape(p.batch, p.dim, p.d_state), saved.reshape(len(starts), p.batch, p.dim, p.d_state), \
         pre.contiguous()
 
