@@ -1,0 +1,9 @@
+"""Mamba-FSCIL (Li et al., arXiv 2407.06136): dual selective SSM projector, fixed ETF head and its losses."""
+from mambacl.strategies.fscil.backbones import FeatureMapBackbone
+from mambacl.strategies.fscil.etf import ETFHead, dot_regression_loss, length_weights
+from mambacl.strategies.fscil.losses import LOSS_WEIGHTS, FSCILLossWeights, separation_loss, suppression_loss
+from mambacl.strategies.fscil.neck import FourScanSSM, MambaNeck, NeckOutput, ProjectorBranch, SSMOutput
+
+__all__ = ["ETFHead", "FSCILLossWeights", "FeatureMapBackbone", "FourScanSSM", "LOSS_WEIGHTS", "MambaNeck",
+           "NeckOutput", "ProjectorBranch", "SSMOutput", "dot_regression_loss", "length_weights", "separation_loss",
+           "suppression_loss"]
