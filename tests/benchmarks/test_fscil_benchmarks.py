@@ -1,0 +1,188 @@
+"""FSCIL scenarios: the real CEC index lists, the seeded sampler, and Avalanche streams on generated CIFAR data."""
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mambacl.benchmarks.fscil import (
+    FSCIL_SPECS,
+    FSCILSpec,
+    cec_sessions,
+    fscil_cifar100,
+    fscil_cub200,
+    fscil_mini_imagenet,
+    label_from_list_entry,
+    read_index_list,
+    sample_sessions,
+    write_synthetic_cifar100,
+)
+
+LISTS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "fscil"
+needs_lists = pytest.mark.skipif(not LISTS.is_dir(), reason=f"CEC index lists not found at {LISTS}")
+
+
+@needs_lists
+def test_cifar100_lists_shapes_and_disjoint():
+    sessions = cec_sessions("cifar100", LISTS / "cifar100")
+    assert [len(s) for s in sessions] == [30000] + [25] * 8
+    rows = [int(e) for s in sessions for e in s]
+    assert len(set(rows)) == 30200 and 0 <= min(rows) and max(rows) < 50000
+    # fscil.md: CEC session_2 starts with the five 'plain' shots that Mamba-FSCIL hard-codes.
+    assert [int(e) for e in sessions[1][:5]] == [29774, 33344, 4815, 6772, 48317]
+
+
+@needs_lists
+def test_mini_imagenet_lists_class_sets():
+    sessions = cec_sessions("mini_imagenet", LISTS / "mini_imagenet")
+    assert [len(s) for s in sessions] == [30000] + [25] * 8
+    wnids = sorted({Path(e).parent.name for s in sessions for e in s})
+    assert len(wnids) == 100
+    spec = FSCIL_SPECS["mini_imagenet"]
+    for t, entries in enumerate(sessions):
+        labels = [label_from_list_entry("mini_imagenet", e, wnids) for e in entries]
+        assert sorted(set(labels)) == spec.session_classes(t)
+        if t:
+            assert labels == sorted(labels)  # 5 consecutive lines per class
+            assert np.bincount(labels, minlength=100)[spec.session_classes(t)].tolist() == [5] * 5
+    assert len({e for s in sessions for e in s}) == 30200
+
+
+@needs_lists
+def test_cub200_lists_class_sets():
+    sessions = cec_sessions("cub200", LISTS / "cub200")
+    assert [len(s) for s in sessions] == [3000] + [50] * 10
+    spec = FSCIL_SPECS["cub200"]
+    seen = set()
+    for t, entries in enumerate(sessions):
+        labels = [label_from_list_entry("cub200", e) for e in entries]
+        expected = list(range(100)) if t == 0 else list(range(100 + 10 * (t - 1), 110 + 10 * (t - 1)))
+        assert sorted(set(labels)) == expected
+        counts = np.bincount(labels, minlength=200)[expected]
+        assert (counts == (30 if t == 0 else 5)).all()
+        assert seen.isdisjoint(entries)
+        seen.update(entries)
+
+
+def test_spec_session_classes_and_errors():
+    spec = FSCIL_SPECS["cub200"]
+    assert spec.num_sessions == 11
+    assert spec.session_classes(0) == list(range(100))
+    assert spec.session_classes(10) == list(range(190, 200))
+    with pytest.raises(ValueError, match="session"):
+        spec.session_classes(11)
+    with pytest.raises(ValueError, match="multiple of n_way"):
+        FSCILSpec(10, 4, 4, 1)
+
+
+def test_sampler_shapes_seeded_and_disjoint():
+    spec = FSCILSpec(num_classes=10, num_base=4, n_way=3, n_shot=2)
+    targets = np.repeat(np.arange(10), 6)
+    np.random.default_rng(1).shuffle(targets)
+    sessions = sample_sessions(targets.tolist(), spec, seed=3)
+    assert sessions == sample_sessions(targets.tolist(), spec, seed=3)
+    assert sessions != sample_sessions(targets.tolist(), spec, seed=4)
+    assert sorted(sessions[0]) == np.flatnonzero(targets < 4).tolist()
+    for t in (1, 2):
+        labels = targets[sessions[t]].tolist()
+        assert labels == sorted(labels) and sorted(set(labels)) == spec.session_classes(t)
+        assert len(labels) == 6
+    flat = [i for s in sessions for i in s]
+    assert len(flat) == len(set(flat))
+    with pytest.raises(ValueError, match="n_shot"):
+        sample_sessions([0, 1, 4], FSCILSpec(5, 4, 1, 2))
+
+
+def test_missing_folders_raise_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cifar-100-python"):
+        fscil_cifar100(tmp_path)
+    with pytest.raises(FileNotFoundError, match="miniImageNet"):
+        fscil_mini_imagenet(tmp_path)
+    with pytest.raises(FileNotFoundError, match="CUB_200_2011"):
+        fscil_cub200(tmp_path)
+    with pytest.raises(FileNotFoundError, match="session_1.txt"):
+        read_index_list(tmp_path, 2)
+    with pytest.raises(ValueError, match="dataset"):
+        cec_sessions("imagenet", tmp_path)
+
+
+SMALL = FSCILSpec(num_classes=8, num_base=4, n_way=2, n_shot=2)
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    write_synthetic_cifar100(root, num_classes=8, train_per_class=6, test_per_class=3)
+    return root
+
+
+def _labels(dataset):
+    return sorted(int(y) for y in dataset.targets)
+
+
+def test_cifar_benchmark_streams_from_sampler(cifar_root):
+    bench = fscil_cifar100(cifar_root, spec=SMALL, seed=0)
+    train, test = list(bench.train_stream), list(bench.test_stream)
+    assert len(train) == len(test) == 3
+    assert _labels(train[0].dataset) == sorted(list(range(4)) * 6)
+    for t in (1, 2):
+        assert _labels(train[t].dataset) == sorted(SMALL.session_classes(t) * 2)
+    for t, exp in enumerate(test):
+        assert _labels(exp.dataset) == sorted(list(range(4 + 2 * t)) * 3)  # every class seen so far
+    assert set(train[1].classes_in_this_experience) == {4, 5}
+    x, y, *_ = train[0].dataset.eval()[0]
+    assert isinstance(x, torch.Tensor) and x.shape == (3, 32, 32)
+
+
+def test_cifar_benchmark_from_index_lists(cifar_root, tmp_path):
+    with open(cifar_root / "cifar-100-python" / "train", "rb") as f:
+        targets = np.asarray(pickle.load(f)["fine_labels"])
+    sessions = [np.flatnonzero(targets < 4)] + [np.flatnonzero(np.isin(targets, c))[:2 * 2]
+                                                for c in ([4, 5], [6, 7])]
+    for t, rows in enumerate(sessions, start=1):
+        (tmp_path / f"session_{t}.txt").write_text("\n".join(str(r) for r in rows) + "\n")
+    bench = fscil_cifar100(cifar_root, index_dir=tmp_path, spec=SMALL)
+    for exp, rows in zip(bench.train_stream, sessions):
+        assert _labels(exp.dataset) == sorted(targets[rows].tolist())
+        image = np.asarray(exp.dataset.eval()[0][0])
+        assert image.shape == (3, 32, 32)
+    (tmp_path / "session_2.txt").write_text("999\n")
+    with pytest.raises(ValueError, match="rows must be in"):
+        fscil_cifar100(cifar_root, index_dir=tmp_path, spec=SMALL)
+
+
+def _write_jpg(path: Path, value: int) -> None:
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), value, dtype=np.uint8)).save(path)
+
+
+def test_cub200_from_generated_folder_and_lists(tmp_path):
+    base = tmp_path / "CUB_200_2011"
+    lines, split, lists = [], [], [[] for _ in range(11)]
+    image_id = 0
+    for c in range(200):
+        folder = f"{c + 1:03d}.Bird_{c}"
+        for k in range(2 if c < 100 else 6):
+            image_id += 1
+            rel = f"{folder}/img_{k}.jpg"
+            _write_jpg(base / "images" / rel, c)
+            lines.append(f"{image_id} {rel}")
+            is_train = k < (1 if c < 100 else 5)
+            split.append(f"{image_id} {int(is_train)}")
+            if is_train:
+                lists[0 if c < 100 else 1 + (c - 100) // 10].append(f"CUB_200_2011/images/{rel}")
+    (base / "images.txt").write_text("\n".join(lines))
+    (base / "train_test_split.txt").write_text("\n".join(split))
+    for t, entries in enumerate(lists, start=1):
+        (tmp_path / f"session_{t}.txt").write_text("\n".join(entries))
+    tr = te = lambda img: torch.as_tensor(np.asarray(img)).permute(2, 0, 1)
+    bench = fscil_cub200(tmp_path, index_dir=tmp_path, train_transform=tr, eval_transform=te)
+    train, test = list(bench.train_stream), list(bench.test_stream)
+    assert [len(e.dataset) for e in train] == [100] + [50] * 10
+    assert _labels(train[3].dataset) == sorted(list(range(120, 130)) * 5)
+    assert len(test[0].dataset) == 100 and len(test[10].dataset) == 100 + 100
+    x, y, *_ = train[3].dataset[0]
+    assert abs(int(x[0, 0, 0]) - int(y)) <= 1  # the (JPEG-coded) pixel value written is the class id
+
