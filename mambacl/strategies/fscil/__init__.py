@@ -3,7 +3,8 @@ from mambacl.strategies.fscil.backbones import FeatureMapBackbone
 from mambacl.strategies.fscil.etf import ETFHead, dot_regression_loss, length_weights
 from mambacl.strategies.fscil.losses import LOSS_WEIGHTS, FSCILLossWeights, separation_loss, suppression_loss
 from mambacl.strategies.fscil.neck import FourScanSSM, MambaNeck, NeckOutput, ProjectorBranch, SSMOutput
+from mambacl.strategies.fscil.strategy import PROTOCOLS, FSCILModel, FSCILProtocol, MambaFSCIL, fscil_summary
 
-__all__ = ["ETFHead", "FSCILLossWeights", "FeatureMapBackbone", "FourScanSSM", "LOSS_WEIGHTS", "MambaNeck",
-           "NeckOutput", "ProjectorBranch", "SSMOutput", "dot_regression_loss", "length_weights", "separation_loss",
-           "suppression_loss"]
+__all__ = ["ETFHead", "FSCILLossWeights", "FSCILModel", "FSCILProtocol", "FeatureMapBackbone", "FourScanSSM",
+           "LOSS_WEIGHTS", "MambaFSCIL", "MambaNeck", "NeckOutput", "PROTOCOLS", "ProjectorBranch", "SSMOutput",
+           "dot_regression_loss", "fscil_summary", "length_weights", "separation_loss", "suppression_loss"]

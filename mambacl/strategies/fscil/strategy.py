@@ -1,0 +1,337 @@
+"""The Mamba-FSCIL strategy: base session on images, incremental sessions on cached backbone maps.
+
+Base session: backbone + base branch + fixed ETF head trained end to end with the dot-regression loss.
+Incremental session t (xiaojieli0903/Mamba-FSCIL ``mmfscil/apis/fscil.py``, without its distributed set-up):
+the backbone is frozen and its maps are extracted once with the eval transform; the training set is the
+session's shots, plus the mean map of every earlier novel class repeated ``copy`` times, plus the base
+class prototypes (mean maps) repeated ``base_copy`` times; a fresh zero-gated incremental branch is trained
+for ``inc_steps`` SGD steps with feature mixup (lam 0.5, probability ``mixup_prob``), the dot-regression,
+suppression and separation losses. See ``fscil.md`` for the published protocol.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from avalanche.core import BasePlugin
+from avalanche.training.plugins.evaluation import EvaluationPlugin, default_evaluator
+from avalanche.training.templates import SupervisedTemplate
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
+
+from mambacl.strategies.fscil.backbones import FeatureMapBackbone
+from mambacl.strategies.fscil.etf import ETFHead, dot_regression_loss, length_weights
+from mambacl.strategies.fscil.losses import LOSS_WEIGHTS, FSCILLossWeights, separation_loss, suppression_loss
+from mambacl.strategies.fscil.neck import MambaNeck, NeckOutput
+
+__all__ = ["FSCILProtocol", "PROTOCOLS", "FSCILModel", "MambaFSCIL", "fscil_summary"]
+
+
+@dataclass(frozen=True)
+class FSCILProtocol:
+    """Per-dataset architecture and training settings of Mamba-FSCIL (fscil.md sections 1 and 3).
+
+    Attributes:
+        dim: neck width D; use_residual_proj: ``r = Linear(C -> D)(GAP(F))``.
+        num_layers, inc_num_layers: MLP depth of the base and incremental branches.
+        base_lr_mult: lr multiplier of the base branch in incremental sessions (0: frozen and detached).
+        base_lr, base_warmup, base_min_lr_ratio: base-session SGD lr, warmup iterations, cosine floor.
+        inc_lr, inc_steps, inc_warmup: incremental-session SGD lr, steps and warmup steps.
+        copy: repeats of each earlier novel class mean; base_copy: repeats of the base prototypes, one value
+            or one per incremental session.
+        mixup_prob: probability of feature mixup (lam 0.5) per incremental step.
+        with_len_base: dot-regression target lengths in the base session.
+        weights: the incremental-session loss weights.
+    """
+
+    dim: int
+    use_residual_proj: bool
+    num_layers: int
+    inc_num_layers: int
+    base_lr_mult: float
+    base_lr: float
+    base_warmup: int
+    base_min_lr_ratio: float
+    inc_lr: float
+    inc_steps: int
+    inc_warmup: int
+    copy: int
+    base_copy: Union[int, Tuple[int, ...]]
+    mixup_prob: float
+    with_len_base: bool
+    weights: FSCILLossWeights
+
+
+#: Published settings. CUB's SS2D neck is replaced by the four-scan block; mini's varying steps and
+#: base copies (100-170, 1-8) are taken at their first value.
+PROTOCOLS: Dict[str, FSCILProtocol] = {
+    "cifar100": FSCILProtocol(640, False, 2, 2, 0.0, 0.25, 100, 0.01, 0.25, 200, 5, 1, 1, 0.75, False,
+                              LOSS_WEIGHTS["cifar100"]),
+    "mini_imagenet": FSCILProtocol(512, True, 2, 2, 0.0, 0.25, 3000, 0.01, 0.01, 100, 5, 10, 1, 0.3, True,
+                                   LOSS_WEIGHTS["mini_imagenet"]),
+    "cub200": FSCILProtocol(1024, True, 2, 3, 0.2, 0.2, 0, 0.1, 0.05, 200, 5, 10, (1, 1, 2, 2, 3, 3, 1, 1, 1, 1),
+                            0.5, False, LOSS_WEIGHTS["cub200"]),
+}
+
+
+class FSCILModel(nn.Module):
+    """Backbone -> :class:`MambaNeck` -> :class:`ETFHead`; ``forward`` gives the logits of the seen classes.
+
+    Args:
+        backbone: a module returning ``[b, C, H, W]`` maps with ``out_shape = (C, H, W)``.
+        neck: the projector.
+        head: the fixed ETF classifier.
+    """
+
+    def __init__(self, backbone: FeatureMapBackbone, neck: MambaNeck, head: ETFHead) -> None:
+        super().__init__()
+        self.backbone, self.neck, self.head = backbone, neck, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x ``[b, 3, H, W]`` images. Returns ``[b, num_seen]`` cosine logits."""
+        return self.head(self.neck(self.backbone(x)).feat)
+
+
+def fscil_summary(accuracies: Sequence[float]) -> Dict[str, object]:
+    """Per-session accuracies with their average and the performance drop (first - last), as in the papers."""
+    accs = [float(a) for a in accuracies]
+    if not accs:
+        raise ValueError("accuracies must hold at least one session")
+    return {"sessions": accs, "avg": sum(accs) / len(accs), "pd": accs[0] - accs[-1]}
+
+
+class MambaFSCIL(SupervisedTemplate):
+    """Mamba-FSCIL (Li et al., arXiv 2407.06136) as an Avalanche template; train one experience per session.
+
+    Keyword-only. ``protocol`` picks the dataset preset of :data:`PROTOCOLS`; ``overrides`` replaces any of
+    its fields (e.g. ``dict(inc_steps=10)``); the neck's width defaults to the backbone's channels without a
+    residual projection. The base session runs ``train_epochs`` epochs of ``train_mb_size``; incremental
+    sessions run ``inc_steps`` steps of ``inc_mb_size`` whatever ``train_epochs`` is.
+
+    Args:
+        backbone: timm name ('resnet12', 'resnet18', 'vim_tiny_patch16_224', 'test_resnet12', ...) or a
+            :class:`FeatureMapBackbone`.
+        img_size: input resolution.
+        num_classes: K, all classes of the benchmark (the ETF is built over all of them).
+        num_base: number of base classes (labels below it are "base" for the losses).
+        protocol: 'cifar100', 'mini_imagenet' or 'cub200'.
+        overrides: fields of :class:`FSCILProtocol` to replace.
+        d_state, dt_rank, d_conv, scan_impl: SSM options of the neck.
+        inc_mb_size: incremental batch size (64 in the paper).
+        fresh_branch: build a new zero-gated incremental branch every session (earlier novel classes live on
+            as replayed class means), so each session starts from exactly the previous session's features;
+            False trains one branch across all sessions.
+        optimizer: base-session optimizer; default SGD(base_lr, momentum 0.9, wd 5e-4) on every parameter.
+        Other arguments are SupervisedTemplate's.
+
+    Example:
+        >>> strategy = MambaFSCIL(backbone="resnet12", img_size=32, num_classes=100, num_base=60,
+        ...                       train_mb_size=512, train_epochs=200)  # doctest: +SKIP
+        >>> strategy.run(bench.train_stream, bench.test_stream)  # doctest: +SKIP
+        {'sessions': [...], 'avg': ..., 'pd': ...}
+    """
+
+    def __init__(self, *, backbone: Union[str, FeatureMapBackbone] = "resnet12", img_size: int = 32,
+                 num_classes: int = 100, num_base: int = 60, protocol: str = "cifar100",
+                 overrides: Optional[Dict[str, object]] = None, d_state: int = 256, dt_rank: int = 256,
+                 d_conv: int = 4, scan_impl: str = "auto", inc_mb_size: int = 64, fresh_branch: bool = True,
+                 optimizer: Optional[torch.optim.Optimizer] = None, train_mb_size: int = 64, train_epochs: int = 1,
+                 eval_mb_size: Optional[int] = None, device: Union[str, torch.device] = "cpu",
+                 plugins: Optional[List[BasePlugin]] = None,
+                 evaluator: Union[EvaluationPlugin, Callable[[], EvaluationPlugin]] = default_evaluator,
+                 eval_every: int = -1, **base_kwargs) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {protocol!r}")
+        if not 0 < num_base < num_classes:
+            raise ValueError(f"num_base must be in (0, num_classes={num_classes}), got {num_base}")
+        if inc_mb_size < 1:
+            raise ValueError(f"inc_mb_size must be >= 1, got {inc_mb_size}")
+        try:
+            self.protocol = replace(PROTOCOLS[protocol], **(overrides or {}))
+        except TypeError as err:
+            raise TypeError(f"overrides must name FSCILProtocol fields: {err}") from None
+        if isinstance(backbone, str):
+            backbone = FeatureMapBackbone(backbone, img_size)
+        chs, height, width = backbone.out_shape
+        p = self.protocol
+        neck = MambaNeck(chs, p.dim if p.use_residual_proj else chs, (height, width), p.num_layers,
+                         p.inc_num_layers, p.use_residual_proj, detach_base=p.base_lr_mult == 0, d_state=d_state,
+                         dt_rank=dt_rank, d_conv=d_conv, scan_impl=scan_impl)
+        head = ETFHead(neck.dim, num_classes)
+        head.num_seen = num_base
+        model = FSCILModel(backbone, neck, head)
+        if optimizer is None:
+            optimizer = torch.optim.SGD(model.parameters(), lr=p.base_lr, momentum=0.9, weight_decay=5e-4)
+        self.num_classes, self.num_base, self.inc_mb_size = num_classes, num_base, inc_mb_size
+        self.fresh_branch = fresh_branch
+        self.session = 0
+        self._base_dataset = None
+        self._prototypes: Dict[int, torch.Tensor] = {}
+        self._scheduler: Optional[CosineLRScheduler] = None
+        self._updates = 0
+        self._mix: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self._neck_out: Optional[NeckOutput] = None
+        super().__init__(model=model, optimizer=optimizer, train_mb_size=train_mb_size, train_epochs=train_epochs,
+                         eval_mb_size=eval_mb_size, device=device, plugins=plugins, evaluator=evaluator,
+                         eval_every=eval_every, **base_kwargs)
+
+    # ----------------------------------------------------------------------------------------- set-up
+    def _before_training_exp(self, **kwargs) -> None:
+        self.session = self.clock.train_exp_counter
+        seen = max(self.experience.classes_in_this_experience) + 1
+        self.model.head.num_seen = max(self.model.head.num_seen, seen)
+        if self.session > 0 and (self.fresh_branch or self.model.neck.inc is None):
+            self.model.neck.add_incremental_branch()
+        super()._before_training_exp(**kwargs)
+        p = self.protocol
+        if self.session == 0:
+            total = self.train_epochs * len(self.dataloader)
+            self._scheduler = CosineLRScheduler(self.optimizer, t_initial=max(total, 1), warmup_t=p.base_warmup,
+                                                lr_min=p.base_lr * p.base_min_lr_ratio, warmup_prefix=True,
+                                                t_in_epochs=False)
+        else:
+            self._scheduler = CosineLRScheduler(self.optimizer, t_initial=p.inc_steps, warmup_t=p.inc_warmup,
+                                                warmup_prefix=True, t_in_epochs=False)
+        self._updates = 0
+
+    def make_train_dataloader(self, num_workers: int = 0, shuffle: bool = True, pin_memory: Optional[bool] = None,
+                              persistent_workers: bool = False, drop_last: bool = False, **kwargs) -> None:
+        """Images for the base session; cached maps (see :meth:`incremental_training_set`) afterwards."""
+        if self.session == 0:
+            super().make_train_dataloader(num_workers=num_workers, shuffle=shuffle, pin_memory=pin_memory,
+                                          persistent_workers=persistent_workers, drop_last=drop_last, **kwargs)
+            return
+        maps, labels = self.incremental_training_set()
+        data = TensorDataset(maps, labels, torch.zeros_like(labels))
+        batch = min(self.inc_mb_size, len(data))
+        # inc_steps drop_last batches drawn from back-to-back random permutations of the set.
+        sampler = RandomSampler(data, num_samples=self.protocol.inc_steps * batch)
+        self.dataloader = DataLoader(data, batch_sampler=BatchSampler(sampler, batch, drop_last=True))
+
+    def make_optimizer(self, **kwargs) -> None:
+        """The caller's optimizer in the base session; a fresh SGD over the incremental branch afterwards."""
+        if self.session == 0:
+            super().make_optimizer(**kwargs)
+            return
+        neck, p = self.model.neck, self.protocol
+        groups = [{"params": list(neck.inc.parameters()), "lr": p.inc_lr}]
+        if p.base_lr_mult > 0:
+            groups.append({"params": neck.base_parameters(), "lr": p.inc_lr * p.base_lr_mult})
+        self.optimizer = torch.optim.SGD(groups, lr=p.inc_lr, momentum=0.9, weight_decay=5e-4)
+
+    def _train_exp(self, experience, eval_streams=None, **kwargs) -> None:
+        if self.session == 0:
+            super()._train_exp(experience, eval_streams, **kwargs)
+            return
+        self._before_training_epoch(**kwargs)
+        self.training_epoch(**kwargs)
+        self._after_training_epoch(**kwargs)
+
+    def _after_training_exp(self, **kwargs) -> None:
+        if self.session == 0:
+            self._base_dataset = self.experience.dataset
+        super()._after_training_exp(**kwargs)
+
+    # ------------------------------------------------------------------------------------ feature cache
+    @torch.no_grad()
+    def backbone_maps(self, dataset) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Backbone maps of ``dataset`` under its eval transform, ``([n, C, H, W], [n])``, on the device."""
+        was_training = self.model.backbone.training
+        self.model.backbone.eval()
+        loader = DataLoader(dataset.eval(), batch_size=self.eval_mb_size or self.train_mb_size)
+        maps, labels = [], []
+        for x, y, *_ in loader:
+            maps.append(self.model.backbone(x.to(self.device)))
+            labels.append(y.to(self.device))
+        self.model.backbone.train(was_training)
+        return torch.cat(maps), torch.cat(labels)
+
+    def _class_means(self, maps: torch.Tensor, labels: torch.Tensor) -> None:
+        for c in labels.unique().tolist():
+            self._prototypes[c] = maps[labels == c].mean(dim=0)
+
+    def incremental_training_set(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The current session's training maps and labels: shots, earlier novel means, base prototypes.
+
+        Returns:
+            maps ``[n, C, H, W]`` and labels ``[n]``; the base prototypes are computed on first use.
+        """
+        if self._base_dataset is None:
+            raise RuntimeError("the base session must be trained before an incremental session")
+        if not self._prototypes:
+            self._class_means(*self.backbone_maps(self._base_dataset))
+        shots, shot_labels = self.backbone_maps(self.experience.dataset)
+        p = self.protocol
+        base_copy = p.base_copy if isinstance(p.base_copy, int) else p.base_copy[(self.session - 1) % len(p.base_copy)]
+        means = [(c, m) for c, m in sorted(self._prototypes.items())]
+        rep_maps = [m for c, m in means for _ in range(base_copy if c < self.num_base else p.copy)]
+        rep_labels = [c for c, _ in means for _ in range(base_copy if c < self.num_base else p.copy)]
+        self._class_means(shots, shot_labels)
+        maps = torch.cat([shots, torch.stack(rep_maps)]) if rep_maps else shots
+        labels = torch.cat([shot_labels, torch.tensor(rep_labels, dtype=torch.long, device=shots.device)])
+        return maps, labels
+
+    # --------------------------------------------------------------------------------- forward and loss
+    def forward(self) -> torch.Tensor:
+        """Images -> logits in the base session and in eval; cached maps (with feature mixup) -> logits else."""
+        if not self.is_training or self.session == 0:
+            maps = self.model.backbone(self.mb_x)
+        else:
+            maps = self.mb_x
+        self._mix = None
+        if self.is_training and self.session > 0 and random.random() < self.protocol.mixup_prob:
+            perm = torch.randperm(maps.shape[0], device=maps.device)
+            maps = 0.5 * maps + 0.5 * maps[perm]
+            self._mix = (self.mb_y, self.mb_y[perm])
+        self._neck_out = self.model.neck(maps)
+        return self.model.head(self._neck_out.feat)
+
+    def _dot_regression(self, labels: torch.Tensor, with_len: bool) -> torch.Tensor:
+        lengths = length_weights(labels, self.num_classes) if with_len else None
+        return dot_regression_loss(self._neck_out.feat, labels, self.model.head.weight, lengths)
+
+    def criterion(self) -> torch.Tensor:
+        """Dot-regression loss (mixup: 0.5 on each label set), plus suppression and separation after the base."""
+        if not self.is_training:
+            return dot_regression_loss(self._neck_out.feat, self.mb_y, self.model.head.weight)
+        p, out = self.protocol, self._neck_out
+        if self.session == 0:
+            return self._dot_regression(self.mb_y, p.with_len_base)
+        w = p.weights
+        if self._mix is None:
+            loss = self._dot_regression(self.mb_y, w.with_len)
+        else:
+            loss = 0.5 * self._dot_regression(self._mix[0], w.with_len) + 0.5 * self._dot_regression(self._mix[1],
+                                                                                                     w.with_len)
+        loss = loss + suppression_loss(out.inc.z, self.mb_y, self.num_base, w.w_s, w.w_sn)
+        loss = loss + separation_loss([out.inc.dt_low, out.inc.B, out.inc.C], self.mb_y, self.num_base, w.w_sep)
+        if w.w_sep_base and p.base_lr_mult > 0:
+            loss = loss + separation_loss([out.base.dt_low, out.base.B, out.base.C], self.mb_y, self.num_base,
+                                          w.w_sep_base)
+        return loss
+
+    def optimizer_step(self) -> None:
+        super().optimizer_step()
+        self._updates += 1
+        self._scheduler.step_update(self._updates)
+
+    # ------------------------------------------------------------------------------------------ results
+    def session_accuracy(self, test_experience) -> float:
+        """Top-1 accuracy on one test experience (all classes seen so far), via the evaluator."""
+        metrics = self.eval([test_experience])
+        key = next((k for k in metrics if k.startswith("Top1_Acc_Exp/eval_phase/")
+                    and k.endswith(f"Exp{test_experience.current_experience:03d}")), None)
+        if key is None:
+            raise RuntimeError("the evaluator records no Top1_Acc_Exp metric; add accuracy_metrics(experience=True)")
+        return float(metrics[key])
+
+    def run(self, train_stream, test_stream) -> Dict[str, object]:
+        """Train every session and evaluate on its test experience. Returns :func:`fscil_summary` (fractions)."""
+        accs = []
+        for train_exp, test_exp in zip(train_stream, test_stream):
+            self.train(train_exp)
+            accs.append(self.session_accuracy(test_exp))
+        return fscil_summary(accs)

@@ -1,0 +1,122 @@
+"""MambaFSCIL end to end on generated CIFAR-100-format data (tiny ResNet-12, tiny neck), on the CPU."""
+import copy
+
+import pytest
+import torch
+from avalanche.evaluation.metrics import accuracy_metrics
+from avalanche.training.plugins import EvaluationPlugin
+from torchvision import transforms as T
+
+from mambacl.benchmarks.fscil import FSCILSpec, fscil_cifar100, write_synthetic_cifar100
+from mambacl.strategies.fscil.strategy import PROTOCOLS, MambaFSCIL, fscil_summary
+
+SPEC = FSCILSpec(num_classes=8, num_base=4, n_way=2, n_shot=2)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar_fscil")
+    write_synthetic_cifar100(root, num_classes=8, train_per_class=8, test_per_class=4)
+    # Train images get a random flip so that the feature cache must use the eval transform to be exact.
+    return fscil_cifar100(root, spec=SPEC, train_transform=T.Compose([T.RandomHorizontalFlip(), T.ToTensor()]),
+                          eval_transform=T.ToTensor())
+
+
+def _strategy(**kwargs) -> MambaFSCIL:
+    options = dict(backbone="test_resnet12", img_size=32, num_classes=8, num_base=4, d_state=4, dt_rank=2,
+                   overrides=dict(inc_steps=4, base_warmup=0, base_lr=0.1, inc_lr=0.1, copy=2), inc_mb_size=6,
+                   train_mb_size=8, train_epochs=6, eval_mb_size=16,
+                   evaluator=EvaluationPlugin(accuracy_metrics(experience=True)))
+    options.update(kwargs)
+    return MambaFSCIL(**options)
+
+
+def _manual_accuracy(strategy: MambaFSCIL, test_exp) -> float:
+    model = strategy.model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for i in range(len(test_exp.dataset)):
+            x, y, *_ = test_exp.dataset[i]
+            feat = model.neck(model.backbone(x[None])).feat
+            logits = torch.nn.functional.normalize(feat, dim=1) @ model.head.weight
+            correct += int(logits[0, :model.head.num_seen].argmax()) == int(y)
+            total += 1
+    return correct / total
+
+
+def test_fscil_end_to_end(bench):
+    strategy = _strategy()
+    train, test = list(bench.train_stream), list(bench.test_stream)
+
+    strategy.train(train[0])
+    acc0 = strategy.session_accuracy(test[0])
+    assert acc0 == pytest.approx(_manual_accuracy(strategy, test[0]))
+    assert acc0 > 0.5  # 4 well-separated synthetic classes, chance is 0.25
+    after_base = copy.deepcopy(strategy.model.state_dict())
+
+    strategy.train(train[1])
+    inc = strategy.model.neck.inc
+    assert inc.block.in_proj.weight[inc.block.dim:].abs().sum() > 0  # the gate has left zero
+    for name, value in strategy.model.state_dict().items():
+        if not name.startswith("neck.inc."):
+            assert torch.equal(value, after_base[name]), f"{name} changed in an incremental session"
+    assert strategy.model.head.num_seen == 6
+    acc1 = strategy.session_accuracy(test[1])
+    assert acc1 == pytest.approx(_manual_accuracy(strategy, test[1]))
+
+    # Session 3's training set: 4 shots + earlier novel means x copy (2) + base prototypes x base_copy (1).
+    strategy.session, strategy.experience = 2, train[2]
+    maps, labels = strategy.incremental_training_set()
+    assert sorted(labels.tolist()) == sorted([6, 6, 7, 7] + [4, 4, 5, 5] + [0, 1, 2, 3])
+    base_maps = []
+    with torch.no_grad():
+        strategy.model.eval()
+        for i in range(len(train[0].dataset)):
+            x, y, *_ = train[0].dataset.eval()[i]
+            if int(y) == 2:
+                base_maps.append(strategy.model.backbone(x[None])[0].double())
+    assert torch.allclose(maps[labels == 2][0].double(), torch.stack(base_maps).mean(0), atol=1e-5)
+
+    strategy.train(train[2])
+    assert strategy.model.neck.inc is not inc  # a fresh zero-gated branch per session
+    acc2 = strategy.session_accuracy(test[2])
+    summary = fscil_summary([acc0, acc1, acc2])
+    assert summary["avg"] == pytest.approx((acc0 + acc1 + acc2) / 3)
+    assert summary["pd"] == pytest.approx(acc0 - acc2)
+
+
+def test_fscil_run_reports_sessions_and_continuing_branch(bench):
+    strategy = _strategy(train_epochs=2, fresh_branch=False)
+    result = strategy.run(bench.train_stream[:2], bench.test_stream[:2])
+    inc = strategy.model.neck.inc
+    result = fscil_summary(result["sessions"] + [strategy.run(bench.train_stream[2:], bench.test_stream[2:])["avg"]])
+    assert strategy.model.neck.inc is inc
+    assert len(result["sessions"]) == 3 and all(0.0 <= a <= 1.0 for a in result["sessions"])
+    assert result["pd"] == pytest.approx(result["sessions"][0] - result["sessions"][-1])
+
+
+def test_fscil_summary_matches_paper_row():
+    # fscil.md section 5, Mamba-FSCIL on CIFAR-100: Avg 68.14, PD 25.29.
+    row = [82.80, 77.85, 73.69, 69.67, 66.89, 63.66, 61.48, 59.74, 57.51]
+    summary = fscil_summary(row)
+    assert round(summary["avg"], 2) == 68.14 and round(summary["pd"], 2) == 25.29
+    with pytest.raises(ValueError, match="accuracies"):
+        fscil_summary([])
+
+
+def test_protocols_carry_published_settings():
+    cifar, cub = PROTOCOLS["cifar100"], PROTOCOLS["cub200"]
+    assert (cifar.inc_steps, cifar.inc_lr, cifar.mixup_prob, cifar.base_lr_mult) == (200, 0.25, 0.75, 0.0)
+    assert (cifar.weights.w_s, cifar.weights.w_sn, cifar.weights.w_sep) == (100.0, 1e-5, 1e-3)
+    assert cub.base_copy == (1, 1, 2, 2, 3, 3, 1, 1, 1, 1) and cub.inc_num_layers == 3 and cub.base_lr_mult == 0.2
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(protocol="imagenet"), ValueError, "protocol"),
+    (dict(num_base=8), ValueError, "num_base"),
+    (dict(overrides=dict(no_such_field=1)), TypeError, "overrides"),
+    (dict(inc_mb_size=0), ValueError, "inc_mb_size"),
+])
+def test_fscil_bad_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        _strategy(**kwargs)
