@@ -150,7 +150,8 @@ def chunk_scan_fwd(form_name: str, u: torch.Tensor, delta: torch.Tensor, P: Opti
 
     Returns:
         out ``[b, D, L]`` (u's dtype), last state ``[b, D, N]``, chunk-start states ``[n_chunks, b, D, N]`` and
-        the ungated output ``y + D u`` ``[b, D, L]`` (both saved for backward), internals in fp32/fp64.
+        the ungated output ``y + D u`` ``[b, D, L]`` (empty without z), both saved for backward; internals in
+        fp32/fp64.
     """
     form = FORMS[form_name]
     p = _Prepared(form, u, delta, P, B, C, delta_bias, softplus)
@@ -169,8 +170,9 @@ def chunk_scan_fwd(form_name: str, u: torch.Tensor, delta: torch.Tensor, P: Opti
     if D is not None:
         pre = pre + D.to(p.cdt)[None, :, None] * u.to(p.cdt)
     out = _gate_out(pre, z).to(u.dtype).contiguous()
-    return out, h0.reshape(p.batch, p.dim, p.d_state), saved.reshape(len(starts), p.batch, p.dim, p.d_state), \
-        pre.contiguous()
+    # Backward needs the ungated output only for dz; without z it would alias out, which custom ops forbid.
+    pre = pre.contiguous() if z is not None else pre.new_empty(0)
+    return out, h0.reshape(p.batch, p.dim, p.d_state), saved.reshape(len(starts), p.batch, p.dim, p.d_state), pre
 
 
 def chunk_scan_bwd(form_name: str, dout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor,
@@ -248,7 +250,8 @@ def _(form, u, delta, P, B, C, D, z, delta_bias, softplus, chunk):
     cdt = compute_dtype(u.dtype)
     n_chunks = -(-seqlen // chunk)
     return (u.new_empty(u.shape), u.new_empty((batch, dim, d_state), dtype=cdt),
-            u.new_empty((n_chunks, batch, dim, d_state), dtype=cdt), u.new_empty(u.shape, dtype=cdt))
+            u.new_empty((n_chunks, batch, dim, d_state), dtype=cdt),
+            u.new_empty(u.shape if z is not None else (0,), dtype=cdt))
 
 
 @torch.library.custom_op("mambacl::chunk_scan_bwd", mutates_args=())
@@ -289,6 +292,8 @@ def chunk_scan(form: str, u: torch.Tensor, delta: torch.Tensor, P: Optional[torc
                delta_bias: Optional[torch.Tensor], softplus: bool, return_last_state: bool,
                chunk: int = DEFAULT_CHUNK):
     """Run the registered op for ``form`` ('mamba' or 'longhorn'); see the ops' public functions for shapes."""
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk!r}")
     args = [None if x is None else x.contiguous() for x in (u, delta, P, B, C, D, z, delta_bias)]
     out, last, _, _ = torch.ops.mambacl.chunk_scan(form, *args, softplus, chunk)
     return (out, last) if return_last_state else out

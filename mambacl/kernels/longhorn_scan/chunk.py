@@ -5,7 +5,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ..chunk_scan import FORMS, ScanForm, chunk_scan, contract_n
+from ..chunk_scan import DEFAULT_CHUNK, FORMS, ScanForm, chunk_scan, contract_n
 
 
 class LonghornForm(ScanForm):
@@ -48,9 +48,12 @@ def longhorn_scan_chunk(
     z: Optional[torch.Tensor] = None,
     delta_bias: Optional[torch.Tensor] = None,
     return_last_state: bool = False,
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Longhorn scan on the chunked PyTorch path (registered as ``torch.ops.mambacl.chunk_scan``).
 
-    Args and Returns as :func:`mambacl.kernels.longhorn_scan` (no validation here).
+    Args and Returns as :func:`mambacl.kernels.longhorn_scan` (no validation of the tensors here), plus
+    ``chunk_size``: time steps per chunk.
     """
-    return chunk_scan("longhorn", u, delta, None, k, q, D, z, delta_bias, False, return_last_state)
+    return chunk_scan("longhorn", u, delta, None, k, q, D, z, delta_bias, False, return_last_state, chunk_size)

@@ -5,7 +5,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ..chunk_scan import FORMS, ScanForm, chunk_scan, contract_n, weighted_sum
+from ..chunk_scan import DEFAULT_CHUNK, FORMS, ScanForm, chunk_scan, contract_n, weighted_sum
 from ..utils import softplus as _softplus
 
 
@@ -46,10 +46,13 @@ def selective_scan_chunk(
     delta_bias: Optional[torch.Tensor] = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Selective scan on the chunked PyTorch path (registered as ``torch.ops.mambacl.chunk_scan``).
 
-    Args and Returns as :func:`mambacl.kernels.selective_scan` (no validation here). Backward recomputes each
-    chunk from its saved start state instead of storing all ``[b, D, L, N]`` states.
+    Args and Returns as :func:`mambacl.kernels.selective_scan` (no validation of the tensors here), plus
+    ``chunk_size``: time steps per chunk. Backward recomputes each chunk from its saved start state instead of
+    storing all ``[b, D, L, N]`` states.
     """
-    return chunk_scan("mamba", u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return chunk_scan("mamba", u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_size)
