@@ -1,0 +1,261 @@
+"""torch.distributed helpers on 2 CPU processes (gloo) against single-process references computed here.
+
+Each multi-process check launches 2 Python processes with torchrun's environment (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT on 127.0.0.1), bounded by a timeout; each rank saves what it computed
+and the tests compare the ranks with each other and with the same computation done in one process.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from mambacl.strategies import NullSpaceEngine, NullSpacePlugin
+from mambacl.strategies.distributed import (DistributedPlugin, EvalShardSampler, RoundRobinBatchSampler, all_reduce_statistics_,
+                                            all_reduce_sum_, broadcast_object, check_batch_divisible,
+                                            check_same_config, distributed_loader, eval_shard_sizes, gather_eval,
+                                            init_distributed, rank, world_size, wrap_ddp)
+
+TESTS = Path(__file__).parent
+TIMEOUT_S = 240
+D, RANK_X, N, COLLECT_BATCH, TRAIN_BATCH = 8, 5, 22, 4, 6
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(worker: str, out: Path, world: int = 2, timeout: float = TIMEOUT_S) -> list:
+    """Run ``worker(out)`` of this module on ``world`` processes; return each rank's saved results."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
+           "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    code = (f"import sys; sys.path[:0] = {json.dumps([str(TESTS), str(TESTS / 'strategies')])}; "
+            f"import test_distributed as t; t.{worker}(sys.argv[1])")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(out)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} failed:\n{log[-4000:]}"
+    return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+# -- shared computations: run by each rank on its shard, and here on everything -------------------------------
+def features() -> torch.Tensor:
+    """[N, D] rows spanning a RANK_X-dimensional subspace, so the numerical kernel has D - RANK_X directions."""
+    g = torch.Generator().manual_seed(7)
+    return (torch.randn(N, RANK_X, generator=g, dtype=torch.float64)
+            @ torch.randn(RANK_X, D, generator=g, dtype=torch.float64))
+
+
+def collect(engine: NullSpaceEngine, sampler) -> None:
+    x = features()
+    for idx in sampler:
+        engine.add("0", x[idx])
+
+
+def initial_model() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(D, 3)).double()
+
+
+def projected_step(plugin: NullSpacePlugin, batch_index: torch.Tensor) -> nn.Module:
+    """One Adam step of a float64 Linear on the given samples, projected by the plugin (``dW @ P``)."""
+    model = initial_model()
+    plugin.configure(model)
+    ddp = wrap_ddp(model)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    x = features()
+    y = torch.arange(N) % 3
+    loss = nn.functional.cross_entropy(ddp(x[batch_index]), y[batch_index])
+    loss.backward()
+    plugin.before_update(None)
+    opt.step()
+    plugin.after_update(None)
+    return model
+
+
+def make_plugin() -> NullSpacePlugin:
+    return NullSpacePlugin(protect="layers", selection="kernel", projector="strict", trainable=None, progress=False)
+
+
+def train_indices():
+    """This rank's part of the first global batch of epoch 0 under distributed_loader."""
+    loader = distributed_loader(TensorDataset(torch.arange(N)), TRAIN_BATCH, seed=5, epoch=0)
+    return next(iter(loader))[0]
+
+
+def worker_collectives(out: str) -> None:
+    assert init_distributed() and world_size() == 2
+    r = rank()
+    res = {}
+    for name, call in (("config", lambda: check_same_config({"lr": 0.1 * (1 + r), "seed": 1, "depth": 2 + r})),
+                       ("batch", lambda: check_batch_divisible(3))):
+        try:
+            call()
+        except ValueError as err:
+            res[name] = str(err)
+    check_same_config({"lr": 0.1, "seed": 1})
+    exact = torch.tensor([1.0, 2.0 ** -40 * (r + 1)], dtype=torch.float64)
+    counts = torch.tensor([r + 1, 10], dtype=torch.int64)
+    all_reduce_sum_([exact, counts])
+    res.update(exact=exact, counts=counts, broadcast=broadcast_object({"from": r}))
+    # statistics one rank never saw: created as zeros, shapes agreed
+    sums = {"a": torch.full((2, 2), float(r + 1), dtype=torch.float64)} if r == 0 else \
+        {"a": torch.ones(2, 2, dtype=torch.float64), "b": torch.eye(3, dtype=torch.float64)}
+    rows = {k: 10 * (r + 1) for k in sums}
+    all_reduce_statistics_(sums, rows)
+    res.update(sums=sums, rows=rows)
+    # evaluation: 9 samples, global batch 4 -> chunks [2, 2], [2, 2], [1, 0] (rank 1 runs a placeholder)
+    data = torch.arange(9, dtype=torch.float32) * 10
+    sampler = EvalShardSampler(9, 4)
+    res["eval_batches"] = list(sampler)
+    res["gathered"] = [gather_eval(data[idx] + 0.5, sizes) for idx, sizes in zip(sampler, sampler.sizes)]
+    # null space: covariance batches dealt round-robin, sums all-reduced, projector, one projected DDP step
+    engine = NullSpaceEngine(selection="kernel", projector="strict")
+    collect(engine, RoundRobinBatchSampler(N, COLLECT_BATCH))
+    res["local_rows"] = dict(engine.rows)
+    all_reduce_statistics_(engine.covariances, engine.rows)
+    engine.update_projectors()
+    plugin = make_plugin()
+    plugin.engine = engine
+    res["train_indices"] = train_indices()
+    model = projected_step(plugin, res["train_indices"])
+    res.update(engine=engine.state_dict(), weight=model[0].weight.detach().clone())
+    torch.save(res, Path(out) / f"rank{r}.pt")
+
+
+@pytest.fixture(scope="module")
+def collectives(tmp_path_factory):
+    return launch("worker_collectives", tmp_path_factory.mktemp("collectives"))
+
+
+def test_config_and_batch_checks_fail_on_every_rank_naming_the_keys(collectives):
+    for res in collectives:
+        assert "['depth', 'lr']" in res["config"] and "rank 1 has 0.2" in res["config"]
+        assert "seed" not in res["config"].split(":")[0]
+        assert "not divisible by the world size 2" in res["batch"]
+
+
+def test_all_reduce_keeps_float64_and_int64(collectives):
+    for res in collectives:
+        assert res["exact"].dtype == torch.float64
+        assert res["exact"].tolist() == [2.0, 3 * 2.0 ** -40]  # 2**-40 is lost in float32 next to 2
+        assert res["counts"].tolist() == [3, 20]
+        assert res["broadcast"] == {"from": 0}
+
+
+def test_statistics_missing_on_a_rank_are_created_and_summed(collectives):
+    for res in collectives:
+        torch.testing.assert_close(res["sums"]["a"], torch.full((2, 2), 2.0, dtype=torch.float64))
+        torch.testing.assert_close(res["sums"]["b"], torch.eye(3, dtype=torch.float64))
+        assert res["rows"] == {"a": 30, "b": 20}
+
+
+def test_eval_chunks_are_gathered_in_single_process_order(collectives):
+    assert collectives[0]["eval_batches"] == [[0, 1], [4, 5], [8]]
+    assert collectives[1]["eval_batches"] == [[2, 3], [6, 7], [8]]  # last one: placeholder, dropped
+    expected = torch.arange(9, dtype=torch.float32) * 10 + 0.5
+    for res in collectives:
+        assert [len(b) for b in res["gathered"]] == [4, 4, 1]
+        torch.testing.assert_close(torch.cat(res["gathered"]), expected)
+
+
+def test_nullspace_statistics_projector_and_projected_step_match_one_process(collectives):
+    ref_engine = NullSpaceEngine(selection="kernel", projector="strict")
+    collect(ref_engine, RoundRobinBatchSampler(N, COLLECT_BATCH, rank=0, world=1))
+    ref_engine.update_projectors()
+    plugin = make_plugin()
+    plugin.engine = ref_engine
+    first_batch = next(iter(distributed_loader(TensorDataset(torch.arange(N)), TRAIN_BATCH, seed=5, epoch=0)))[0]
+    assert sorted(torch.cat([r["train_indices"] for r in collectives]).tolist()) == sorted(first_batch.tolist())
+    ref_weight = projected_step(plugin, first_batch)[0].weight.detach()
+    # 6 batches of 4 rows (the last one 2) dealt 3/3; each rank saw a strict subset of the data
+    assert [r["local_rows"]["0"] for r in collectives] == [12, 10]
+    assert ref_engine.null_dims["0"] == D - RANK_X
+    for res in collectives:
+        state = res["engine"]
+        assert state["rows"]["0"] == N and state["null_dims"]["0"] == D - RANK_X
+        torch.testing.assert_close(state["covariances"]["0"], ref_engine.covariances["0"], rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(state["projectors"]["0"], ref_engine.projectors["0"], rtol=1e-6, atol=1e-10)
+        torch.testing.assert_close(res["weight"], ref_weight, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(collectives[0]["weight"], collectives[1]["weight"], rtol=0, atol=0)
+    step = ref_weight - initial_model()[0].weight.detach()
+    assert step.abs().max() > 1e-3  # the step is real ...
+    torch.testing.assert_close(features() @ step.T, torch.zeros(N, 3, dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+# -- single-process behaviour and bad input ---------------------------------------------------------------------
+def test_single_process_helpers_are_identities():
+    assert world_size() == 1 and rank() == 0
+    t = torch.arange(3.0)
+    all_reduce_sum_([t])
+    assert t.tolist() == [0.0, 1.0, 2.0]
+    model = nn.Linear(2, 2)
+    assert wrap_ddp(model) is model
+    check_same_config({"a": 1})
+    assert gather_eval(torch.arange(5), [3]).tolist() == [0, 1, 2]
+
+
+def test_distributed_loader_is_a_seeded_per_epoch_permutation():
+    data = TensorDataset(torch.arange(10))
+    epoch0 = torch.cat([b[0] for b in distributed_loader(data, 4, seed=1, epoch=0)])
+    epoch1 = torch.cat([b[0] for b in distributed_loader(data, 4, seed=1, epoch=1)])
+    g = torch.Generator()
+    g.manual_seed(1)
+    assert epoch0.tolist() == torch.randperm(10, generator=g).tolist()
+    assert sorted(epoch1.tolist()) == list(range(10)) and epoch1.tolist() != epoch0.tolist()
+    assert [len(b[0]) for b in distributed_loader(data, 4, seed=1, epoch=0)] == [4, 4, 2]
+
+
+def test_samplers_partition_the_batches():
+    assert eval_shard_sizes(11, 4, 3) == [[2, 1, 1], [2, 1, 1], [1, 1, 1]]
+    parts = [list(EvalShardSampler(11, 4, rank=r, world=3)) for r in range(3)]
+    assert [b for step in zip(*parts) for b in step] == [[0, 1], [2], [3], [4, 5], [6], [7], [8], [9], [10]]
+    robin = [list(RoundRobinBatchSampler(10, 3, rank=r, world=2)) for r in range(2)]
+    assert robin == [[[0, 1, 2], [6, 7, 8]], [[3, 4, 5], [9]]]
+    assert [len(RoundRobinBatchSampler(10, 3, rank=r, world=2)) for r in range(2)] == [2, 2]
+
+
+def test_bad_input_is_rejected():
+    with pytest.raises(ValueError, match="not divisible by the world size 4"):
+        check_batch_divisible(6, 4)
+    with pytest.raises(ValueError, match="batch size must be a positive int"):
+        check_batch_divisible(0, 1)
+    with pytest.raises(TypeError, match="mapping"):
+        check_same_config([("a", 1)])
+    with pytest.raises(TypeError, match=r"tensors\[1\]"):
+        all_reduce_sum_([torch.zeros(1), 3.0])
+    with pytest.raises(ValueError, match="rank"):
+        EvalShardSampler(5, 2, rank=2, world=2)
+    with pytest.raises(ValueError, match="one entry per rank"):
+        gather_eval(torch.zeros(3), [1, 2])
+    with pytest.raises(ValueError, match="same keys"):
+        all_reduce_statistics_({"a": torch.zeros(1)}, {})
+    with pytest.raises(ValueError, match="epoch"):
+        distributed_loader(TensorDataset(torch.arange(3)), 1, seed=0, epoch=-1)
+    with pytest.raises(ValueError, match="autocast"):
+        DistributedPlugin(autocast="fp8")
+
+
+def test_init_distributed_outside_torchrun_and_bad_backend(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    assert init_distributed() is False
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        init_distributed(backend="mpi2")
