@@ -1,0 +1,8 @@
+"""Continual-learning benchmarks (Avalanche scenarios), their registry and the run loop behind ``mambacl run``."""
+from mambacl.benchmarks.registry import (BenchmarkSpec, benchmark_args, create_benchmark, get_benchmark,
+                                         list_benchmarks, register_benchmark)
+from mambacl.benchmarks import scenarios  # noqa: F401  (registers split_digits, split_cifar100, imagenet_r)
+from mambacl.benchmarks.scenarios import class_order, imagenet_r, read_coda_split, split_cifar100, split_digits
+
+__all__ = ["BenchmarkSpec", "benchmark_args", "class_order", "create_benchmark", "get_benchmark", "imagenet_r",
+           "list_benchmarks", "read_coda_split", "register_benchmark", "split_cifar100", "split_digits"]

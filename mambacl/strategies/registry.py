@@ -1,0 +1,245 @@
+"""Strategy registry: names -> factories that build an Avalanche template from a backbone and shared settings.
+
+A factory takes a :class:`TrainSetup` (the backbone and the settings every strategy shares) plus its own
+keyword-only, typed hyper-parameters, and returns a ``SupervisedTemplate``. Register one with
+:func:`register_strategy`, or from another package through the ``mambacl.strategies`` entry-point group
+(the entry point names a module that registers on import, or a factory registered under the entry-point name).
+
+Example:
+    >>> @register_strategy("my-naive")  # doctest: +SKIP
+    ... def my_naive(setup: TrainSetup, *, momentum: float = 0.9) -> SupervisedTemplate:
+    ...     model = setup.classifier("incremental")
+    ...     return Naive(model=model, optimizer=SGD(model.parameters(), setup.lr, momentum), **setup.template_kwargs())
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import torch
+from avalanche.core import BasePlugin
+from avalanche.training import EWC, JointTraining, LwF, Naive, Replay
+from avalanche.training.plugins import EvaluationPlugin
+from avalanche.training.templates import SupervisedTemplate
+from torch import nn
+
+from mambacl.strategies.heads import ContinualClassifier
+from mambacl.strategies.wrappers import AdamNSCL, MambaCL
+
+__all__ = ["unknown_name_error", "TrainSetup", "StrategySpec", "register_strategy", "get_strategy", "list_strategies", "create_strategy",
+           "strategy_hparams", "ENTRY_POINT_GROUP"]
+
+ENTRY_POINT_GROUP = "mambacl.strategies"
+StrategyFactory = Callable[..., SupervisedTemplate]
+
+
+def unknown_name_error(kind: str, name: str, valid: Iterable[str]) -> ValueError:
+    """A ValueError for an unknown ``kind`` name that suggests the closest valid one and lists them all."""
+    valid = sorted(valid)
+    close = difflib.get_close_matches(str(name), valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ValueError(f"unknown {kind} {name!r}{hint}; valid {kind} names: {', '.join(valid)}")
+
+
+@dataclass
+class TrainSetup:
+    """Settings shared by every strategy factory.
+
+    Args:
+        backbone: timm-style feature extractor (``num_features``, ``forward_features``, ``forward_head``).
+        lr: learning rate. weight_decay: AdamW weight decay.
+        epochs: training epochs per experience.
+        train_mb_size, eval_mb_size: mini-batch sizes.
+        device: torch device.
+        evaluator: Avalanche EvaluationPlugin (metrics + loggers).
+        plugins: extra Avalanche plugins (factories append them to a copy).
+    """
+
+    backbone: nn.Module
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    epochs: int = 1
+    train_mb_size: int = 32
+    eval_mb_size: int = 256
+    device: torch.device = torch.device("cpu")
+    evaluator: Optional[EvaluationPlugin] = None
+    plugins: List[BasePlugin] = field(default_factory=list)
+
+    def classifier(self, head: str) -> ContinualClassifier:
+        """The backbone with a continual head ('experience' or 'incremental')."""
+        return ContinualClassifier(self.backbone, head=head)
+
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """AdamW over the model's parameters with the setup's lr and weight decay."""
+        return torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    def template_kwargs(self) -> Dict[str, Any]:
+        """Keyword arguments of ``SupervisedTemplate`` besides model and optimizer."""
+        kwargs = dict(train_mb_size=self.train_mb_size, train_epochs=self.epochs, eval_mb_size=self.eval_mb_size,
+                      device=self.device, plugins=list(self.plugins))
+        if self.evaluator is not None:
+            kwargs["evaluator"] = self.evaluator
+        return kwargs
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """A registered strategy: its factory, whether it trains jointly on the whole stream, and a summary."""
+
+    name: str
+    factory: StrategyFactory
+    joint: bool = False
+
+    @property
+    def summary(self) -> str:
+        return (inspect.getdoc(self.factory) or "").split("\n")[0]
+
+
+_REGISTRY: Dict[str, StrategySpec] = {}
+_entry_points_loaded = False
+
+
+def register_strategy(name: str, *, joint: bool = False) -> Callable[[StrategyFactory], StrategyFactory]:
+    """Decorator registering ``factory(setup: TrainSetup, *, hparam=default, ...) -> SupervisedTemplate``.
+
+    Args:
+        name: strategy name used by ``mambacl run --strategy``.
+        joint: the template trains once on the whole train stream (upper-bound baselines).
+    Returns:
+        the decorator (the factory is returned unchanged).
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+
+    def decorator(factory: StrategyFactory) -> StrategyFactory:
+        if not callable(factory):
+            raise TypeError(f"strategy {name!r}: factory must be callable, got {type(factory).__name__}")
+        params = list(inspect.signature(factory).parameters.values())
+        if not params or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
+            raise TypeError(f"strategy {name!r}: factory must take the TrainSetup as its first positional argument")
+        _REGISTRY[name] = StrategySpec(name, factory, joint)
+        return factory
+    return decorator
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        obj = ep.load()
+        if callable(obj) and ep.name not in _REGISTRY:
+            register_strategy(ep.name)(obj)
+
+
+def list_strategies() -> List[str]:
+    """Names of all registered strategies (built-ins, decorated and entry points), sorted."""
+    _load_entry_points()
+    return sorted(_REGISTRY)
+
+
+def get_strategy(name: str) -> StrategySpec:
+    """The :class:`StrategySpec` registered as ``name``; unknown names raise a ValueError listing valid ones."""
+    _load_entry_points()
+    if name not in _REGISTRY:
+        raise unknown_name_error("strategy", name, _REGISTRY)
+    return _REGISTRY[name]
+
+
+def strategy_hparams(name: str) -> Dict[str, inspect.Parameter]:
+    """The hyper-parameters (keyword arguments after the setup) of strategy ``name``, with defaults and types."""
+    params = list(inspect.signature(get_strategy(name).factory).parameters.values())[1:]
+    return {p.name: p for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+def create_strategy(name: str, setup: TrainSetup, **hparams: Any) -> SupervisedTemplate:
+    """Build strategy ``name`` from ``setup``; unknown hyper-parameters raise a ValueError listing valid ones."""
+    valid = strategy_hparams(name)
+    unknown = sorted(set(hparams) - set(valid))
+    if unknown:
+        raise ValueError(f"strategy {name!r} has no hyper-parameter(s) {unknown}; valid: {sorted(valid) or 'none'}")
+    return get_strategy(name).factory(setup, **hparams)
+
+
+# -- built-in strategies ---------------------------------------------------------------------------------------
+@register_strategy("mambacl")
+def mambacl(setup: TrainSetup, *, eta: float = 0.95, selection: str = "knee", projector: str = "soft",
+            wb_features: str = "aggregated", protect: str = "ssm", head: str = "experience") -> SupervisedTemplate:
+    """Mamba-CL: null-space projection of the SSM parameters' updates (see MambaCL / NullSpacePlugin).
+
+    Args:
+        eta: soft-projector mixing weight. selection: null-space rule ('knee', 'energy', 'adam_nscl').
+        projector: 'soft', 'kernel' or 'strict'. wb_features: 'aggregated' or 'token'.
+        protect: parameters protected ('ssm' or 'layers'). head: 'experience' or 'incremental'.
+    """
+    model = setup.classifier(head)
+    return MambaCL(model=model, optimizer=setup.optimizer(model), eta=eta, selection=selection, projector=projector,
+                   wb_features=wb_features, protect=protect, progress=False, **setup.template_kwargs())
+
+
+@register_strategy("adam-nscl")
+def adam_nscl(setup: TrainSetup, *, a: float = 10.0, projector: str = "strict",
+              head: str = "experience") -> SupervisedTemplate:
+    """Adam-NSCL: every Linear/Conv update projected into its input covariance's null space (see AdamNSCL).
+
+    Args:
+        a: null space = eigenvalues <= a * lambda_min. projector: 'strict', 'kernel' or 'soft'.
+        head: 'experience' or 'incremental'.
+    """
+    model = setup.classifier(head)
+    return AdamNSCL(model=model, optimizer=setup.optimizer(model), a=a, projector=projector, progress=False,
+                    **setup.template_kwargs())
+
+
+@register_strategy("naive")
+def naive(setup: TrainSetup) -> SupervisedTemplate:
+    """Naive fine-tuning (Avalanche Naive): the lower bound."""
+    model = setup.classifier("incremental")
+    return Naive(model=model, optimizer=setup.optimizer(model), **setup.template_kwargs())
+
+
+@register_strategy("ewc")
+def ewc(setup: TrainSetup, *, ewc_lambda: float = 100.0, mode: str = "separate",
+        decay_factor: Optional[float] = None) -> SupervisedTemplate:
+    """Elastic Weight Consolidation (Avalanche EWC).
+
+    Args:
+        ewc_lambda: penalty weight. mode: 'separate' or 'online'. decay_factor: online-mode decay.
+    """
+    model = setup.classifier("incremental")
+    return EWC(model=model, optimizer=setup.optimizer(model), ewc_lambda=ewc_lambda, mode=mode,
+               decay_factor=decay_factor, **setup.template_kwargs())
+
+
+@register_strategy("lwf")
+def lwf(setup: TrainSetup, *, alpha: float = 1.0, temperature: float = 2.0) -> SupervisedTemplate:
+    """Learning without Forgetting (Avalanche LwF).
+
+    Args:
+        alpha: distillation weight. temperature: softmax temperature.
+    """
+    model = setup.classifier("incremental")
+    return LwF(model=model, optimizer=setup.optimizer(model), alpha=alpha, temperature=temperature,
+               **setup.template_kwargs())
+
+
+@register_strategy("replay")
+def replay(setup: TrainSetup, *, mem_size: int = 200) -> SupervisedTemplate:
+    """Experience replay with a class-balanced buffer (Avalanche Replay).
+
+    Args:
+        mem_size: total number of stored samples.
+    """
+    model = setup.classifier("incremental")
+    return Replay(model=model, optimizer=setup.optimizer(model), mem_size=mem_size, **setup.template_kwargs())
+
+
+@register_strategy("joint", joint=True)
+def joint(setup: TrainSetup) -> SupervisedTemplate:
+    """Joint training on the whole stream at once (Avalanche JointTraining): the upper bound."""
+    model = setup.classifier("incremental")
+    return JointTraining(model=model, optimizer=setup.optimizer(model), **setup.template_kwargs())
