@@ -260,7 +260,7 @@ def _chunk_scan_bwd_op(form: str, dout: torch.Tensor, u: torch.Tensor, delta: to
                        z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], saved: torch.Tensor,
                        pre: torch.Tensor, softplus: bool, chunk: int) -> List[torch.Tensor]:
     grads = chunk_scan_bwd(form, dout, u, delta, P, B, C, D, z, delta_bias, saved, pre, softplus, chunk)
-    return [u.new_empty(0) if g is None else g for g in grads]
+    return [u.new_empty(0) if g is None else g.contiguous() for g in grads]  # the fake kernel's strides
 
 
 @_chunk_scan_bwd_op.register_fake

@@ -40,9 +40,20 @@ def _check_same_device(ref: torch.Tensor, **tensors: Optional[torch.Tensor]) -> 
             raise ValueError(f"{name} is on {t.device} but u is on {ref.device}; all inputs must share a device")
 
 
+def bc_d_state(name: str, t: torch.Tensor) -> int:
+    """The state size N of one of B/C (or k/q) in any of its three forms; raise on a wrong type or rank."""
+    _check_tensor(name, t)
+    if t.dim() not in (2, 3, 4):
+        raise ValueError(
+            f"{name} must be constant (dim, d_state), variable (batch, d_state, L) or grouped (batch, G, d_state, L); "
+            f"got shape {tuple(t.shape)}"
+        )
+    return t.shape[-1] if t.dim() == 2 else t.shape[-2]
+
+
 def check_bc(name: str, t: torch.Tensor, batch: int, dim: int, d_state: int, seqlen: int) -> None:
     """Validate one of B/C (or k/q): constant (D, N), variable (b, N, L) or grouped (b, G, N, L)."""
-    _check_tensor(name, t)
+    bc_d_state(name, t)
     if t.dim() == 2:
         expected = (dim, d_state)
     elif t.dim() == 3:
@@ -52,11 +63,6 @@ def check_bc(name: str, t: torch.Tensor, batch: int, dim: int, d_state: int, seq
         if groups < 1 or dim % groups != 0:
             raise ValueError(f"{name}: dim {dim} is not divisible by the number of groups {groups} (shape {tuple(t.shape)})")
         expected = (batch, groups, d_state, seqlen)
-    else:
-        raise ValueError(
-            f"{name} must be constant (dim, d_state), variable (batch, d_state, L) or grouped (batch, G, d_state, L); "
-            f"got shape {tuple(t.shape)}"
-        )
     if tuple(t.shape) != expected:
         raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {expected}")
 
@@ -69,8 +75,9 @@ def check_channel_vector(name: str, t: Optional[torch.Tensor], dim: int) -> None
         raise ValueError(f"{name} has shape {tuple(t.shape)}, expected ({dim},)")
 
 
-def check_sequence(name: str, t: Optional[torch.Tensor], shape: tuple) -> None:
-    if t is None:
+def check_sequence(name: str, t: Optional[torch.Tensor], shape: tuple, required: bool = False) -> None:
+    """Validate a ``(batch, dim, L)`` input; None passes unless `required`."""
+    if t is None and not required:
         return
     _check_tensor(name, t, 3)
     if tuple(t.shape) != shape:
@@ -78,10 +85,18 @@ def check_sequence(name: str, t: Optional[torch.Tensor], shape: tuple) -> None:
 
 
 def check_finite(**tensors: Optional[torch.Tensor]) -> None:
-    """Raise when a parameter tensor holds NaN or inf (cheap: parameters are small)."""
-    for name, t in tensors.items():
-        if t is not None and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+    """Raise a ValueError naming every input that holds NaN or inf.
+
+    One reduction and one host sync for all inputs together. Skipped while torch.compile traces (the check is
+    data-dependent) and for tensors without data (meta device).
+    """
+    present = {n: t for n, t in tensors.items() if t is not None and t.device.type != "meta"}
+    if not present or torch.compiler.is_compiling():
+        return
+    flags = torch.stack([torch.isfinite(t).all() for t in present.values()])
+    if not bool(flags.all()):
+        bad = [name for name, ok in zip(present, flags.tolist()) if not ok]
+        raise ValueError(f"{', '.join(bad)}: non-finite values (NaN or inf) in the scan inputs")
 
 
 def check_backend(backend: str, device: torch.device) -> str:

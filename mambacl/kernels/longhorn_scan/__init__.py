@@ -9,6 +9,7 @@ from ..utils import (
     _check_same_device,
     _check_tensor,
     MAX_D_STATE,
+    bc_d_state,
     check_backend,
     check_bc,
     check_channel_vector,
@@ -27,10 +28,9 @@ def check_longhorn_scan_args(u, delta, k, q, D=None, z=None, delta_bias=None) ->
     batch, dim, seqlen = u.shape
     if seqlen < 1:
         raise ValueError(f"u must have a sequence length >= 1, got shape {tuple(u.shape)}")
-    check_sequence("delta", delta, (batch, dim, seqlen))
+    check_sequence("delta", delta, (batch, dim, seqlen), required=True)
     check_sequence("z", z, (batch, dim, seqlen))
-    _check_tensor("k", k)
-    d_state = k.shape[-2] if k.dim() >= 3 else k.shape[-1]
+    d_state = bc_d_state("k", k)
     if not 1 <= d_state <= MAX_D_STATE:
         raise ValueError(f"k: d_state must be in [1, {MAX_D_STATE}], got {d_state}")
     check_bc("k", k, batch, dim, d_state, seqlen)
@@ -38,7 +38,7 @@ def check_longhorn_scan_args(u, delta, k, q, D=None, z=None, delta_bias=None) ->
     check_channel_vector("D", D, dim)
     check_channel_vector("delta_bias", delta_bias, dim)
     _check_same_device(u, delta=delta, k=k, q=q, D=D, z=z, delta_bias=delta_bias)
-    check_finite(D=D, delta_bias=delta_bias)
+    check_finite(u=u, delta=delta, k=k, q=q, D=D, z=z, delta_bias=delta_bias)
 
 
 def longhorn_scan(
@@ -64,6 +64,10 @@ def longhorn_scan(
         backend: 'auto', 'reference', 'chunk' or 'triton'.
     Returns:
         out ``[b, D, L]`` in u's dtype, or ``(out, last_state)``.
+    Raises:
+        TypeError: a non-tensor, integer or complex input. ValueError (naming the argument): a wrong rank or
+        shape, groups not dividing dim, N outside [1, 256], inputs on different devices, NaN/inf in any input
+        (checked in eager mode only), or an unknown backend.
     """
     check_longhorn_scan_args(u, delta, k, q, D, z, delta_bias)
     resolved = check_backend(backend, u.device)

@@ -27,7 +27,7 @@ def check_selective_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None
     batch, dim, seqlen = u.shape
     if seqlen < 1:
         raise ValueError(f"u must have a sequence length >= 1, got shape {tuple(u.shape)}")
-    check_sequence("delta", delta, (batch, dim, seqlen))
+    check_sequence("delta", delta, (batch, dim, seqlen), required=True)
     check_sequence("z", z, (batch, dim, seqlen))
     _check_tensor("A", A, 2)
     if A.shape[0] != dim:
@@ -40,7 +40,7 @@ def check_selective_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None
     check_channel_vector("D", D, dim)
     check_channel_vector("delta_bias", delta_bias, dim)
     _check_same_device(u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
-    check_finite(A=A, D=D, delta_bias=delta_bias)
+    check_finite(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
 
 
 def selective_scan(
@@ -71,6 +71,10 @@ def selective_scan(
         backend: 'auto' (Triton on CUDA, the chunked PyTorch path elsewhere), 'reference', 'chunk' or 'triton'.
     Returns:
         out ``[b, D, L]`` in u's dtype, or ``(out, last_state)``.
+    Raises:
+        TypeError: a non-tensor, integer or complex input. ValueError (naming the argument): a wrong rank or
+        shape, groups not dividing dim, N outside [1, 256], inputs on different devices, NaN/inf in any input
+        (checked in eager mode only), or an unknown backend.
 
     Examples:
         >>> u = torch.randn(2, 8, 5); A = -torch.rand(8, 4); B = torch.randn(2, 4, 5)
