@@ -4,7 +4,6 @@ Each multi-process check launches 2 Python processes with torchrun's environment
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT on 127.0.0.1), bounded by a timeout; each rank saves what it computed
 and the tests compare the ranks with each other and with the same computation done in one process.
 """
-import json
 import os
 import socket
 import subprocess
@@ -13,14 +12,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from avalanche.core import SupervisedPlugin
+from avalanche.evaluation.metrics import accuracy_metrics, loss_metrics
+from avalanche.training.plugins import EvaluationPlugin
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from mambacl.strategies import NullSpaceEngine, NullSpacePlugin
-from mambacl.strategies.distributed import (DistributedPlugin, EvalShardSampler, RoundRobinBatchSampler, all_reduce_statistics_,
-                                            all_reduce_sum_, broadcast_object, check_batch_divisible,
-                                            check_same_config, distributed_loader, eval_shard_sizes, gather_eval,
-                                            init_distributed, rank, world_size, wrap_ddp)
+from mambacl.strategies import MambaCL, NullSpaceEngine, NullSpacePlugin
+from mambacl.strategies.distributed import (DistributedPlugin, EvalShardSampler, RoundRobinBatchSampler,
+                                            all_reduce_statistics_, all_reduce_sum_, broadcast_object,
+                                            check_batch_divisible, check_same_config, distributed_loader,
+                                            eval_shard_sizes, gather_eval, init_distributed, rank, world_size,
+                                            wrap_ddp)
+
+sys.path.insert(0, str(Path(__file__).parent / "strategies"))
+from mambacl_helpers import split_digits, tiny_vim  # noqa: E402  (split digits and a tiny Vision Mamba)
 
 TESTS = Path(__file__).parent
 TIMEOUT_S = 240
@@ -37,8 +43,7 @@ def launch(worker: str, out: Path, world: int = 2, timeout: float = TIMEOUT_S) -
     """Run ``worker(out)`` of this module on ``world`` processes; return each rank's saved results."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
            "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    code = (f"import sys; sys.path[:0] = {json.dumps([str(TESTS), str(TESTS / 'strategies')])}; "
-            f"import test_distributed as t; t.{worker}(sys.argv[1])")
+    code = f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_distributed as t; t.{worker}(sys.argv[1])"
     procs = [subprocess.Popen([sys.executable, "-c", code, str(out)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
     logs = []
@@ -136,7 +141,41 @@ def worker_collectives(out: str) -> None:
     res["train_indices"] = train_indices()
     model = projected_step(plugin, res["train_indices"])
     res.update(engine=engine.state_dict(), weight=model[0].weight.detach().clone())
+    res["strategy"] = mambacl_run()
     torch.save(res, Path(out) / f"rank{r}.pt")
+
+
+class SampleCounter(SupervisedPlugin):
+    """Counts the samples this process forwarded in training and evaluation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.train = self.eval = 0
+
+    def after_training_iteration(self, strategy, **kwargs) -> None:
+        self.train += len(strategy.mb_x)
+
+    def after_eval_iteration(self, strategy, **kwargs) -> None:
+        self.eval += len(strategy.mb_x)
+
+
+def mambacl_run() -> dict:
+    """MambaCL + DistributedPlugin over 2 split-digits experiences (global batch 16, 2 epochs), evaluated on the
+    seen test data after each; returns the final parameters, metrics and null-space row counts."""
+    bench = split_digits(per_class=[40, 40])
+    torch.manual_seed(0)
+    model = tiny_vim(patch_size=4)
+    evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True),
+                                 loss_metrics(stream=True), loggers=[])
+    strategy = MambaCL(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=2e-3), train_mb_size=16,
+                       train_epochs=2, eval_mb_size=30, evaluator=evaluator, progress=False,
+                       plugins=[DistributedPlugin(seed=11), counter := SampleCounter()])
+    for i, exp in enumerate(bench.train_stream):
+        strategy.train(exp)
+        metrics = strategy.eval(bench.test_stream[:i + 1])
+    return {"params": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "metrics": {k: v for k, v in metrics.items() if k.startswith(("Top1", "Loss"))},
+            "rows": dict(strategy.nullspace.engine.rows), "samples": (counter.train, counter.eval)}
 
 
 @pytest.fixture(scope="module")
@@ -259,3 +298,19 @@ def test_init_distributed_outside_torchrun_and_bad_backend(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(ValueError, match="backend must be one of"):
         init_distributed(backend="mpi2")
+
+
+def test_mambacl_with_distributed_plugin_matches_one_process(collectives):
+    ref = mambacl_run()
+    a, b = (res["strategy"] for res in collectives)
+    assert set(a["params"]) == set(ref["params"])
+    for name, p in ref["params"].items():
+        torch.testing.assert_close(a["params"][name], b["params"][name], rtol=0, atol=0, msg=name)
+        # same global batches; fp32 gradients averaged over 2 shards differ from one batch only by rounding
+        torch.testing.assert_close(a["params"][name], p, rtol=1e-4, atol=1e-5, msg=name)
+    assert a["rows"] == b["rows"] == ref["rows"]
+    # each rank trained on half of every global batch and evaluated half of every test batch
+    assert ref["samples"] == (2 * 2 * 40, 40 + 80) and a["samples"] == b["samples"] == (2 * 40, 60)
+    assert len(ref["metrics"]) == 4  # stream accuracy and loss, accuracy of the 2 experiences
+    for key, value in ref["metrics"].items():
+        assert a["metrics"][key] == b["metrics"][key] == pytest.approx(value, abs=1e-5), key
