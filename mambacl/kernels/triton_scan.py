@@ -164,6 +164,18 @@ def _add_bc_grad(ptr, val, pid_b, offs_d, tt, offs_n, mask_d, mask_n, seqlen, sb
 
 
 @triton.jit
+def _grad_y(dout_ptr, z_ptr, pid_b, offs_d, tt, mask_d, seqlen, s_b, s_d, HAS_Z: tl.constexpr):
+    """Gradient reaching y at times ``tt``: ``dout * silu(z)`` (or dout), zero outside the sequence."""
+    m2 = mask_d[:, None] & ((tt >= 0) & (tt < seqlen))[None, :]
+    offs = pid_b * s_b + offs_d[:, None] * s_d + tt[None, :]
+    dy = tl.load(dout_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+    if HAS_Z:
+        zv = tl.load(z_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+        dy = dy * zv * tl.sigmoid(zv)
+    return dy
+
+
+@triton.jit
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, states_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
@@ -290,18 +302,6 @@ def _scan_bwd_kernel(
         tl.store(dbias_ptr + pid_b * dim + offs_d, dbias_acc, mask=mask_d)
 
 
-@triton.jit
-def _grad_y(dout_ptr, z_ptr, pid_b, offs_d, tt, mask_d, seqlen, s_b, s_d, HAS_Z: tl.constexpr):
-    """Gradient reaching y at times ``tt``: ``dout * silu(z)`` (or dout), zero outside the sequence."""
-    m2 = mask_d[:, None] & ((tt >= 0) & (tt < seqlen))[None, :]
-    offs = pid_b * s_b + offs_d[:, None] * s_d + tt[None, :]
-    dy = tl.load(dout_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-    if HAS_Z:
-        zv = tl.load(z_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-        dy = dy * zv * tl.sigmoid(zv)
-    return dy
-
-
 # ---------------------------------------------------------------- host side
 
 
@@ -356,9 +356,8 @@ def _common(mode: str, u: torch.Tensor, P: Optional[torch.Tensor], B: torch.Tens
     batch, dim, seqlen = u.shape
     d_state = B.shape[1] if B.dim() == 2 else B.shape[-2]
     block_d, block_n, T = scan_config(d_state, seqlen, chunk_size, block_d)
-    dummy = u
-    return batch, dim, seqlen, d_state, block_d, block_n, T, triton.cdiv(seqlen, T), \
-        (P if P is not None else dummy)
+    # absent optional tensors are passed as u (never read: their constexpr flag is off)
+    return batch, dim, seqlen, d_state, block_d, block_n, T, triton.cdiv(seqlen, T), (u if P is None else P)
 
 
 def scan_fwd(mode: str, u: torch.Tensor, delta: torch.Tensor, P: Optional[torch.Tensor], B: torch.Tensor,
@@ -375,7 +374,7 @@ def scan_fwd(mode: str, u: torch.Tensor, delta: torch.Tensor, P: Optional[torch.
         out ``[b, D, L]`` in u's dtype and the chunk-end states ``[b, D, n_chunks, N]`` fp32 (the last is h_L).
     """
     batch, dim, seqlen, d_state, block_d, block_n, T, n_chunks, A = _common(mode, u, P, B, C, chunk_size, block_d)
-    out = torch.empty_like(u)
+    out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
     states = torch.empty((batch, dim, n_chunks, d_state), dtype=torch.float32, device=u.device)
     grid = (batch, triton.cdiv(dim, block_d))
     _scan_fwd_kernel[grid](
@@ -408,8 +407,9 @@ def scan_bwd(mode: str, dout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor
         gradients of ``(u, delta, P, B, C, D, z, delta_bias)`` in their input dtypes, None for absent inputs.
     """
     batch, dim, seqlen, d_state, block_d, block_n, T, n_chunks, A = _common(mode, u, P, B, C, chunk_size, block_d)
-    du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-    dz = None if z is None else torch.empty_like(z)
+    du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+    ddelta = torch.empty(delta.shape, dtype=delta.dtype, device=u.device)
+    dz = None if z is None else torch.empty(z.shape, dtype=z.dtype, device=u.device)
     partial = dict(device=u.device, dtype=torch.float32)
     dA = torch.empty((batch, dim, d_state), **partial) if P is not None else None
     dD = torch.empty((batch, dim), **partial) if D is not None else None
