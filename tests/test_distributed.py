@@ -165,6 +165,8 @@ def mambacl_run() -> dict:
     bench = split_digits(per_class=[40, 40])
     torch.manual_seed(0)
     model = tiny_vim(patch_size=4)
+    forwarded = []  # samples through the model: training, evaluation and the null-space covariance pass
+    model.register_forward_pre_hook(lambda module, args: forwarded.append(len(args[0])))
     evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True),
                                  loss_metrics(stream=True), loggers=[])
     strategy = MambaCL(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=2e-3), train_mb_size=16,
@@ -175,7 +177,7 @@ def mambacl_run() -> dict:
         metrics = strategy.eval(bench.test_stream[:i + 1])
     return {"params": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "metrics": {k: v for k, v in metrics.items() if k.startswith(("Top1", "Loss"))},
-            "rows": dict(strategy.nullspace.engine.rows), "samples": (counter.train, counter.eval)}
+            "rows": dict(strategy.nullspace.engine.rows), "samples": (counter.train, counter.eval, sum(forwarded))}
 
 
 @pytest.fixture(scope="module")
@@ -309,8 +311,10 @@ def test_mambacl_with_distributed_plugin_matches_one_process(collectives):
         # same global batches; fp32 gradients averaged over 2 shards differ from one batch only by rounding
         torch.testing.assert_close(a["params"][name], p, rtol=1e-4, atol=1e-5, msg=name)
     assert a["rows"] == b["rows"] == ref["rows"]
-    # each rank trained on half of every global batch and evaluated half of every test batch
-    assert ref["samples"] == (2 * 2 * 40, 40 + 80) and a["samples"] == b["samples"] == (2 * 40, 60)
+    # each rank trained on half of every global batch, evaluated half of every test batch and ran the covariance
+    # pass on every other batch of 30 (rank 0: 30 of each experience's 40 samples, rank 1: 10)
+    assert ref["samples"] == (2 * 2 * 40, 40 + 80, 160 + 120 + 80)
+    assert a["samples"] == (2 * 40, 60, 80 + 60 + 60) and b["samples"] == (2 * 40, 60, 80 + 60 + 20)
     assert len(ref["metrics"]) == 4  # stream accuracy and loss, accuracy of the 2 experiences
     for key, value in ref["metrics"].items():
         assert a["metrics"][key] == b["metrics"][key] == pytest.approx(value, abs=1e-5), key

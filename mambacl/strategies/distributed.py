@@ -21,14 +21,19 @@ from __future__ import annotations
 import contextlib
 import os
 from datetime import timedelta
+from functools import partial
 from typing import Any, Dict, Iterator, List, Mapping, MutableMapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from avalanche.benchmarks.utils.data_loader import TaskBalancedDataLoader
 from avalanche.core import SupervisedPlugin
+from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from mambacl.strategies.plugins.nullspace import NullSpacePlugin
 
 BACKENDS = ("nccl", "gloo")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -36,7 +41,8 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 __all__ = ["DistributedPlugin", "EvalShardSampler", "RoundRobinBatchSampler", "all_reduce_statistics_",
            "all_reduce_sum_", "barrier", "broadcast_object", "check_batch_divisible", "check_same_config",
            "distributed_loader", "eval_shard_sizes", "gather_eval", "gather_objects", "init_distributed",
-           "is_distributed", "is_main_process", "local_device", "rank", "unwrap_model", "world_size", "wrap_ddp"]
+           "is_distributed", "is_main_process", "local_device", "rank", "reduce_statistics", "round_robin_loader",
+           "shard_nullspace_collection", "unwrap_model", "world_size", "wrap_ddp"]
 
 
 # -- process group ---------------------------------------------------------------------------------------------
@@ -389,6 +395,36 @@ def all_reduce_statistics_(sums: MutableMapping[str, torch.Tensor], counts: Muta
     counts.update({k: int(c) for k, c in zip(keys, total.tolist())})
 
 
+def reduce_statistics(sums: Dict[str, torch.Tensor], counts: Dict[str, int]) -> tuple:
+    """:func:`all_reduce_statistics_` returning ``(sums, counts)``: the ``reduce_fn`` of NullSpacePlugin."""
+    all_reduce_statistics_(sums, counts)
+    return sums, counts
+
+
+def round_robin_loader(loader: DataLoader) -> DataLoader:
+    """The same batches as a sequential, batched ``loader``, dealt round-robin to the ranks
+    (:class:`RoundRobinBatchSampler`), with its dataset, batch size, collate function and workers."""
+    if loader.batch_size is None:
+        raise ValueError("loader must batch with batch_size (not a custom batch_sampler)")
+    sampler = RoundRobinBatchSampler(len(loader.dataset), loader.batch_size)
+    return DataLoader(loader.dataset, batch_sampler=sampler, collate_fn=loader.collate_fn,
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory)
+
+
+def _sharded_collect_loader(plugin: NullSpacePlugin, strategy) -> DataLoader:
+    return round_robin_loader(type(plugin).collect_loader(plugin, strategy))
+
+
+def shard_nullspace_collection(plugin: NullSpacePlugin) -> None:
+    """Make ``plugin``'s covariance pass data-parallel: each rank forwards every W-th batch of the pass and the
+    per-key sums and row counts are all-reduced before the decomposition, so all ranks get the projectors a
+    single process would build. Call it on every rank (inside a process group)."""
+    if not isinstance(plugin, NullSpacePlugin):
+        raise TypeError(f"plugin must be a NullSpacePlugin, got {type(plugin).__name__}")
+    plugin.reduce_fn = reduce_statistics
+    plugin.collect_loader = partial(_sharded_collect_loader, plugin)
+
+
 # -- Avalanche -------------------------------------------------------------------------------------------------
 class DistributedPlugin(SupervisedPlugin, supports_distributed=True):
     """Runs a SupervisedTemplate data-parallel under torchrun, and identically in a single process.
@@ -401,10 +437,13 @@ class DistributedPlugin(SupervisedPlugin, supports_distributed=True):
     checkpoints and other plugins see the bare model). Evaluation batches are split by :class:`EvalShardSampler`
     and outputs, targets and task labels are gathered in ``after_eval_forward``, so the evaluation metrics (and
     the loss) on every rank are those of the whole test set in single-process order; ``mb_x`` stays local.
-    Training-phase metrics are computed on each rank's own shard.
+    Training-phase metrics are computed on each rank's own shard. Inside a process group every
+    :class:`NullSpacePlugin` of the strategy gets :func:`shard_nullspace_collection`.
 
     Put it first in the plugin list so later plugins and the EvaluationPlugin see the gathered outputs.
-    Multi-task models (Avalanche ``MultiTaskModule``) cannot be DDP-wrapped this way.
+    Strategies whose training loader is not the template's own (a custom ``make_train_dataloader``, or a plugin
+    such as Replay's replacing it) keep their loader in one process and are refused in a process group, as are
+    multi-task models (Avalanche ``MultiTaskModule``), which cannot be DDP-wrapped this way.
 
     Args:
         seed: base seed of the training permutations, identical on every rank.
@@ -432,6 +471,7 @@ class DistributedPlugin(SupervisedPlugin, supports_distributed=True):
         self._eval_sizes: List[List[int]] = []
         self._eval_step = 0
         self._amp: Optional[contextlib.AbstractContextManager] = None
+        self._template_loader: Any = None
 
     def epoch_seed_offset(self, strategy) -> int:
         """Sampler epoch of the current training epoch: unique per (experience, epoch), stable across resumes."""
@@ -448,14 +488,39 @@ class DistributedPlugin(SupervisedPlugin, supports_distributed=True):
             self._amp = None
             strategy.mb_output = strategy.mb_output.float()
 
+    def owns_loader(self, strategy) -> bool:
+        """True when the current training loader is the template's own, which this plugin may replace."""
+        stock = type(strategy).make_train_dataloader is SupervisedTemplate.make_train_dataloader
+        loader = strategy.dataloader
+        return stock and loader is self._template_loader and type(loader) in (DataLoader, TaskBalancedDataLoader)
+
+    def state_dict(self) -> dict:
+        """Nothing to save: the sampling depends only on (seed, experience, epoch)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Counterpart of :meth:`state_dict` (checkpoint restore)."""
+
     # -- Avalanche callbacks -----------------------------------------------------------------------------------
+    def before_training(self, strategy, **kwargs) -> None:
+        if is_distributed():
+            for plugin in strategy.plugins:
+                if isinstance(plugin, NullSpacePlugin):
+                    shard_nullspace_collection(plugin)
+
     def before_training_exp(self, strategy, **kwargs) -> None:
         check_batch_divisible(strategy.train_mb_size, name="train_mb_size")
-        self._ddp = None
+        self._ddp, self._template_loader = None, strategy.dataloader
 
     def before_training_epoch(self, strategy, **kwargs) -> None:
+        if not self.owns_loader(strategy):
+            if is_distributed():
+                raise TypeError(f"{type(strategy).__name__} trains from its own loader "
+                                f"({type(strategy.dataloader).__name__}); distributed runs support strategies that "
+                                "use the template's training loader (e.g. MambaCL, AdamNSCL, Naive, EWC, LwF)")
+            return
         data = strategy.adapted_dataset
-        strategy.dataloader = distributed_loader(
+        strategy.dataloader = self._template_loader = distributed_loader(
             data, strategy.train_mb_size, self.seed, self.epoch_seed_offset(strategy),
             collate_fn=getattr(data, "collate_fn", None), num_workers=self.num_workers,
             pin_memory=torch.device(strategy.device).type == "cuda")
