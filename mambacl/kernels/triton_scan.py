@@ -29,9 +29,9 @@ import triton
 import triton.language as tl
 
 MODES = {"mamba": 0, "longhorn": 1}
-LOG2E = 1.4426950408889634
-# exp2 of more than 126 overflows fp32; decays are clamped there (only reachable with A > 0 or dt < 0).
-MAX_EXP2 = 126.0
+LOG2E = tl.constexpr(1.4426950408889634)
+# exp2 above 126 is near the fp32 limit: decay exponents are clamped there (reachable only with A > 0 or dt < 0).
+MAX_EXP2 = tl.constexpr(126.0)
 # Elements of one [BLOCK_D, T, BLOCK_N] tile used to pick the default block and chunk sizes.
 TILE_BUDGET = 4096
 
@@ -59,6 +59,13 @@ def _bc_offsets(pid_b, offs_d, tt, offs_n, sb, sg, sn, st, gsize):
 
 
 @triton.jit
+def _load_bc(ptr, pid_b, offs_d, tt, offs_n, m2, mask_n, sb, sg, sn, st, gsize):
+    """B/C ``[BLOCK_D, T, BLOCK_N]`` in fp32, zero where ``m2`` (channel, time) or the state is masked."""
+    return tl.load(ptr + _bc_offsets(pid_b, offs_d, tt, offs_n, sb, sg, sn, st, gsize),
+                   mask=m2[:, :, None] & mask_n[None, None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _pair(u_ptr, delta_ptr, B_ptr, A_tile, bias, pid_b, offs_d, tt, offs_n, mask_d, mask_n, t_lo, seqlen,
           s_b, s_d, B_sb, B_sg, B_sn, B_st, B_gs,
           MODE: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr):
@@ -74,13 +81,12 @@ def _pair(u_ptr, delta_ptr, B_ptr, A_tile, bias, pid_b, offs_d, tt, offs_n, mask
     raw = tl.load(delta_ptr + offs, mask=m2, other=0.0).to(tl.float32)
     if HAS_BIAS:
         raw += bias[:, None]
-    Bv = tl.load(B_ptr + _bc_offsets(pid_b, offs_d, tt, offs_n, B_sb, B_sg, B_sn, B_st, B_gs), mask=m3,
-                 other=0.0).to(tl.float32)
+    Bv = _load_bc(B_ptr, pid_b, offs_d, tt, offs_n, m2, mask_n, B_sb, B_sg, B_sn, B_st, B_gs)
     if MODE == 0:
         gated = raw
         if SOFTPLUS:
             gated = _softplus(raw)
-        a = tl.exp2(tl.minimum(gated[:, :, None] * A_tile[:, None, :] * 1.4426950408889634, 126.0))
+        a = tl.exp2(tl.minimum(gated[:, :, None] * A_tile[:, None, :] * LOG2E, MAX_EXP2))
         b = (gated * u)[:, :, None] * Bv
     else:
         beta = tl.sigmoid(raw)
@@ -94,9 +100,11 @@ def _pair(u_ptr, delta_ptr, B_ptr, A_tile, bias, pid_b, offs_d, tt, offs_n, mask
 
 @triton.jit
 def _load_channel(ptr, offs_d, mask_d, HAS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A per-channel vector (D or delta_bias) in fp32, zeros when absent."""
+    v = tl.zeros((BLOCK_D,), tl.float32)
     if HAS:
-        return tl.load(ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    return tl.zeros((BLOCK_D,), tl.float32)
+        v = tl.load(ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    return v
 
 
 @triton.jit
@@ -106,13 +114,9 @@ def _last_in_time(x, T: tl.constexpr):
 
 
 @triton.jit
-def _scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, states_ptr,
-    dim, seqlen, d_state, n_chunks, s_b, s_d,
-    B_sb, B_sg, B_sn, B_st, B_gs, C_sb, C_sg, C_sn, C_st, C_gs,
-    MODE: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
-):
+def _program_setup(A_ptr, D_ptr, bias_ptr, dim, d_state, n_chunks, MODE: tl.constexpr, HAS_D: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's batch, channel/state offsets and masks, per-channel parameters and state offsets."""
     pid_b = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -125,6 +129,19 @@ def _scan_fwd_kernel(
     bias = _load_channel(bias_ptr, offs_d, mask_d, HAS_BIAS, BLOCK_D)
     Dv = _load_channel(D_ptr, offs_d, mask_d, HAS_D, BLOCK_D)
     state_offs = ((pid_b * dim + offs_d[:, None]) * n_chunks) * d_state + offs_n[None, :]
+    return pid_b, offs_d, offs_n, mask_d, mask_n, mask_dn, A_tile, bias, Dv, state_offs
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, states_ptr,
+    dim, seqlen, d_state, n_chunks, s_b, s_d,
+    B_sb, B_sg, B_sn, B_st, B_gs, C_sb, C_sg, C_sn, C_st, C_gs,
+    MODE: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+):
+    pid_b, offs_d, offs_n, mask_d, mask_n, mask_dn, A_tile, bias, Dv, state_offs = _program_setup(
+        A_ptr, D_ptr, bias_ptr, dim, d_state, n_chunks, MODE, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
     h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     for c in range(0, n_chunks):
         tt = c * T + tl.arange(0, T)
@@ -134,8 +151,7 @@ def _scan_fwd_kernel(
         acum, bcum = tl.associative_scan((a, b), axis=1, combine_fn=_combine)
         hs = acum * h[:, None, :] + bcum
         m2 = mask_d[:, None] & (tt < seqlen)[None, :]
-        Cv = tl.load(C_ptr + _bc_offsets(pid_b, offs_d, tt, offs_n, C_sb, C_sg, C_sn, C_st, C_gs),
-                     mask=m2[:, :, None] & mask_n[None, None, :], other=0.0).to(tl.float32)
+        Cv = _load_bc(C_ptr, pid_b, offs_d, tt, offs_n, m2, mask_n, C_sb, C_sg, C_sn, C_st, C_gs)
         y = tl.sum(hs * Cv, axis=2)
         if HAS_D:
             y += Dv[:, None] * u
@@ -166,7 +182,7 @@ def _add_bc_grad(ptr, val, pid_b, offs_d, tt, offs_n, mask_d, mask_n, seqlen, sb
 @triton.jit
 def _grad_y(dout_ptr, z_ptr, pid_b, offs_d, tt, mask_d, seqlen, s_b, s_d, HAS_Z: tl.constexpr):
     """Gradient reaching y at times ``tt``: ``dout * silu(z)`` (or dout), zero outside the sequence."""
-    m2 = mask_d[:, None] & ((tt >= 0) & (tt < seqlen))[None, :]
+    m2 = mask_d[:, None] & (tt < seqlen)[None, :]
     offs = pid_b * s_b + offs_d[:, None] * s_d + tt[None, :]
     dy = tl.load(dout_ptr + offs, mask=m2, other=0.0).to(tl.float32)
     if HAS_Z:
@@ -186,18 +202,8 @@ def _scan_bwd_kernel(
     HAS_BIAS: tl.constexpr, B_CONST: tl.constexpr, C_CONST: tl.constexpr, B_SAME_GROUP: tl.constexpr,
     C_SAME_GROUP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
 ):
-    pid_b = tl.program_id(0).to(tl.int64)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < dim
-    mask_n = offs_n < d_state
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    A_tile = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
-    if MODE == 0:
-        A_tile = tl.load(A_ptr + offs_d[:, None] * d_state + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-    bias = _load_channel(bias_ptr, offs_d, mask_d, HAS_BIAS, BLOCK_D)
-    Dv = _load_channel(D_ptr, offs_d, mask_d, HAS_D, BLOCK_D)
-    state_offs = ((pid_b * dim + offs_d[:, None]) * n_chunks) * d_state + offs_n[None, :]
+    pid_b, offs_d, offs_n, mask_d, mask_n, mask_dn, A_tile, bias, Dv, state_offs = _program_setup(
+        A_ptr, D_ptr, bias_ptr, dim, d_state, n_chunks, MODE, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
     ar = tl.arange(0, T)
     g_next = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     dA_acc = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
@@ -228,9 +234,8 @@ def _scan_bwd_kernel(
                                   mask_n, 0, seqlen, s_b, s_d, B_sb, B_sg, B_sn, B_st, B_gs,
                                   MODE, SOFTPLUS, HAS_BIAS)
         dy_r = _grad_y(dout_ptr, z_ptr, pid_b, offs_d, tr, mask_d, seqlen, s_b, s_d, HAS_Z)
-        C_r = tl.load(C_ptr + _bc_offsets(pid_b, offs_d, tr, offs_n, C_sb, C_sg, C_sn, C_st, C_gs),
-                      mask=(mask_d[:, None] & (tr < seqlen)[None, :])[:, :, None] & mask_n[None, None, :],
-                      other=0.0).to(tl.float32)
+        C_r = _load_bc(C_ptr, pid_b, offs_d, tr, offs_n, mask_d[:, None] & (tr < seqlen)[None, :], mask_n,
+                       C_sb, C_sg, C_sn, C_st, C_gs)
         gcum_a, gcum_b = tl.associative_scan((an, C_r * dy_r[:, :, None]), axis=1, combine_fn=_combine)
         g_r = gcum_a * g_next[:, None, :] + gcum_b
         g_next = _last_in_time(g_r, T)
@@ -238,20 +243,19 @@ def _scan_bwd_kernel(
 
         m2 = mask_d[:, None] & (tt < seqlen)[None, :]
         offs = pid_b * s_b + offs_d[:, None] * s_d + tt[None, :]
-        dy = _grad_y(dout_ptr, z_ptr, pid_b, offs_d, tt, mask_d, seqlen, s_b, s_d, HAS_Z)
-        Cv = tl.load(C_ptr + _bc_offsets(pid_b, offs_d, tt, offs_n, C_sb, C_sg, C_sn, C_st, C_gs),
-                     mask=m2[:, :, None] & mask_n[None, None, :], other=0.0).to(tl.float32)
+        Cv = _load_bc(C_ptr, pid_b, offs_d, tt, offs_n, m2, mask_n, C_sb, C_sg, C_sn, C_st, C_gs)
+        dy = tl.load(dout_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zv = tl.load(z_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(zv)
+            pre = tl.sum(h * Cv, axis=2) + Dv[:, None] * u  # y + D u, recomputed rather than saved
+            tl.store(dz_ptr + offs, (dy * pre * sig * (1.0 + zv * (1.0 - sig))).to(dz_ptr.dtype.element_ty),
+                     mask=m2)
+            dy = dy * zv * sig
         du = tl.zeros((BLOCK_D, T), tl.float32)
         if HAS_D:
             dD_acc += tl.sum(dy * u, axis=1)
             du = Dv[:, None] * dy
-        if HAS_Z:
-            dout = tl.load(dout_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-            zv = tl.load(z_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-            sig = tl.sigmoid(zv)
-            pre = tl.sum(h * Cv, axis=2) + Dv[:, None] * u
-            tl.store(dz_ptr + offs, (dout * pre * sig * (1.0 + zv * (1.0 - sig))).to(dz_ptr.dtype.element_ty),
-                     mask=m2)
         dCv = h * dy[:, :, None]
         da = g * h_prev  # dL/da_t
         gB = tl.sum(g * Bv, axis=2)
@@ -306,6 +310,7 @@ def _scan_bwd_kernel(
 
 
 def _is_interpreted() -> bool:
+    """True when triton.jit ran under TRITON_INTERPRET=1 (kernels then run on the CPU with numpy)."""
     return type(_scan_fwd_kernel).__name__ == "InterpretedFunction"
 
 
