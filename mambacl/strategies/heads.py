@@ -59,7 +59,7 @@ class ExperienceHeads(DynamicModule):
         out = x.new_full((x.shape[0], self.num_classes), self.mask_value)
         active = range(len(self.heads) - 1, len(self.heads)) if self.training else range(len(self.heads))
         for i in active:
-            out[:, self.head_classes[i]] = self.heads[i](x)
+            out[:, self.head_classes[i]] = self.heads[i](x).to(out.dtype)  # autocast: heads may run in bf16
         return out
 
 
