@@ -318,3 +318,23 @@ def test_mambacl_with_distributed_plugin_matches_one_process(collectives):
     assert len(ref["metrics"]) == 4  # stream accuracy and loss, accuracy of the 2 experiences
     for key, value in ref["metrics"].items():
         assert a["metrics"][key] == b["metrics"][key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_autocast_runs_the_forward_in_bf16_and_returns_float32():
+    bench = split_digits(per_class=[16])
+    model = tiny_vim(patch_size=4)
+    seen = []
+    model.backbone.patch_embed.proj.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    outputs = []
+
+    class Outputs(SupervisedPlugin):
+        def after_forward(self, strategy, **kwargs):
+            outputs.append(strategy.mb_output.dtype)
+
+    strategy = MambaCL(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3), train_mb_size=8,
+                       evaluator=EvaluationPlugin(loggers=[]), progress=False,
+                       plugins=[DistributedPlugin(autocast="bf16"), Outputs()])
+    strategy.train(bench.train_stream[0])
+    assert seen[:2] == [torch.bfloat16] * 2 and seen[-1] == torch.float32  # training steps; covariance pass in fp32
+    assert outputs == [torch.float32] * 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -448,7 +448,8 @@ class DistributedPlugin(SupervisedPlugin, supports_distributed=True):
     Args:
         seed: base seed of the training permutations, identical on every rank.
         num_workers: DataLoader workers per rank.
-        autocast: None, 'bf16' or 'fp16': mixed-precision forward on CUDA (outputs cast back to float32).
+        autocast: None, 'bf16' or 'fp16': mixed-precision forward (``torch.autocast`` on the strategy's device,
+            meant for GPUs; the scans keep fp32 internals), outputs cast back to float32 for the loss.
         find_unused_parameters: passed to DDP.
 
     Example:
@@ -478,8 +479,8 @@ class DistributedPlugin(SupervisedPlugin, supports_distributed=True):
         return strategy.experience.current_experience * strategy.train_epochs + strategy.clock.train_exp_epochs
 
     def _enter_autocast(self, strategy) -> None:
-        if self.autocast is not None and torch.device(strategy.device).type == "cuda":
-            self._amp = torch.autocast("cuda", dtype=AUTOCAST_DTYPES[self.autocast])
+        if self.autocast is not None:
+            self._amp = torch.autocast(torch.device(strategy.device).type, dtype=AUTOCAST_DTYPES[self.autocast])
             self._amp.__enter__()
 
     def _exit_autocast(self, strategy) -> None:
