@@ -42,7 +42,8 @@ def free_port() -> int:
 def launch(worker: str, out: Path, world: int = 2, timeout: float = TIMEOUT_S) -> list:
     """Run ``worker(out)`` of this module on ``world`` processes; return each rank's saved results."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
-           "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+           "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS.parent), os.environ.get("PYTHONPATH")]))}
     code = f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_distributed as t; t.{worker}(sys.argv[1])"
     procs = [subprocess.Popen([sys.executable, "-c", code, str(out)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
