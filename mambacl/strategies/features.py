@@ -12,7 +12,8 @@ bidirectional mixer is its own branch, so it is protected by its own features.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Literal, Sequence, Tuple
+from functools import partial
+from typing import Callable, Dict, List, Literal, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -21,15 +22,44 @@ from torch import nn
 from mambacl.backbones.taps import Tap
 
 Side = Literal["right", "left"]
-RowFn = Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor]
+# A row extractor returns the feature rows, or (compressed rows, number of rows they stand for).
+RowFn = Callable[[nn.Module, tuple, torch.Tensor], Union[torch.Tensor, Tuple[torch.Tensor, int]]]
+Hook = Callable[[nn.Module, tuple, torch.Tensor], None]
 BRANCH_ATTRS = ("x_proj_dt", "x_proj_B", "x_proj_C", "tap_x", "tap_delta", "tap_delta_x")
 PAPER_TRAINABLE = ("x_proj_dt", "x_proj_B", "x_proj_C", "A_log", "out_proj", "head")
 WB_FEATURES = ("aggregated", "token")
 
 
 def tap_rows(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    """Rows of a tap's output: [..., D] -> [rows, D] (for tap_delta_x [b, D, D] the rows are F[b, i, :])."""
+    """Rows of a tap's output: [..., D] -> [rows, D]."""
     return output.reshape(-1, output.shape[-1])
+
+
+def _stash_output(stash: Dict[str, torch.Tensor], module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    stash["x"] = output
+
+
+def delta_x_rows(stash: Dict[str, torch.Tensor], module: nn.Module, args: tuple,
+                 delta: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """W_B feature rows ``F[b, i, :] = sum_t delta[b, t, i] x[b, t, :]`` from tap_delta and the stashed tap_x.
+
+    ``F_b^T F_b = X_b^T (Delta_b Delta_b^T) X_b``; with ``Delta_b^T = Q R`` (reduced QR, R: [L, L]) the L rows
+    ``R X_b`` have the same Gram matrix as the D rows of ``F_b``, at cost ``O(L^2 D)`` instead of ``O(D^3)``.
+    They are used when L < D; otherwise F itself.
+
+    Args:
+        stash: holds ``"x"``, the tap_x output [b, L, D] of the same forward.
+        delta: tap_delta output [b, L, D].
+
+    Returns:
+        (rows [b * min(L, D), D], b * D): the rows and the number of F rows they stand for.
+    """
+    x = stash.pop("x")
+    b, length, width = delta.shape
+    if length >= width:
+        return torch.einsum("bti,btj->bij", delta.double(), x.double()).reshape(-1, width), b * width
+    r = torch.linalg.qr(delta.double().transpose(1, 2), mode="r").R  # [b, L, L], R^T R = Delta Delta^T
+    return (r @ x.double()).reshape(-1, width), b * width
 
 
 def linear_input_rows(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -54,12 +84,15 @@ class ProtectionPlan:
     Attributes:
         sources: {feature key: (module to hook, row extractor)}.
         params: {parameter name: (feature key, side)}.
+        aux: extra forward hooks needed while collecting (e.g. stashing tap_x for ``delta_x_rows``).
     """
 
     sources: Dict[str, Tuple[nn.Module, RowFn]] = field(default_factory=dict)
     params: Dict[str, Tuple[str, Side]] = field(default_factory=dict)
+    aux: List[Tuple[nn.Module, Hook]] = field(default_factory=list)
 
     def protect(self, param: str, key: str, module: nn.Module, rows: RowFn, side: Side = "right") -> None:
+        """Protect ``param`` by the features ``rows(module, args, output)`` read from ``module``'s forward hook."""
         self.sources[key] = (module, rows)
         self.params[param] = (key, side)
 
@@ -95,7 +128,10 @@ def ssm_plan(model: nn.Module, wb_features: str = "aggregated", exclude: Sequenc
             for proj in ("x_proj_dt", "x_proj_C") + (("x_proj_B",) if wb_features == "token" else ()):
                 plan.protect(f"{pre}{proj}.weight", f"{pre}tap_x", mod.tap_x, tap_rows)
             if wb_features == "aggregated":
-                plan.protect(f"{pre}x_proj_B.weight", f"{pre}tap_delta_x", mod.tap_delta_x, tap_rows)
+                stash: Dict[str, torch.Tensor] = {}
+                plan.aux.append((mod.tap_x, partial(_stash_output, stash)))
+                plan.protect(f"{pre}x_proj_B.weight", f"{pre}tap_delta_x", mod.tap_delta,
+                             partial(delta_x_rows, stash))
             if isinstance(getattr(mod, "A_log", None), nn.Parameter):
                 plan.protect(f"{pre}A_log", f"{pre}tap_delta", mod.tap_delta, tap_rows, side="left")
         if isinstance(getattr(mod, "tap_out", None), Tap) and isinstance(getattr(mod, "out_proj", None), nn.Linear):

@@ -21,17 +21,20 @@ SELECTIONS = ("knee", "adam_nscl", "energy", "kernel")
 PROJECTORS = ("soft", "strict")
 
 
-def knee_index(values: torch.Tensor, sigma: float = 10.0, margin: float = 0.015) -> int:
-    """Knee of a descending spectrum, as in the Mamba-CL code.
+def knee_index(values: torch.Tensor, sigma: float = 10.0, margin: float = 0.015, min_smooth: int = 128) -> int:
+    """Knee of a descending spectrum, as in the Mamba-CL code (``adaptive_threshold`` in train_eval.py).
 
-    The spectrum is smoothed with a Gaussian of width ``sigma`` and the knee is the argmax of its second
-    difference, ignoring ``margin`` of the indices at each end. A spectrum without any convex bend (flat or
-    concave) has no knee and gives ``len(values)``, i.e. an empty null space.
+    For ``D >= min_smooth`` values the spectrum is smoothed with a Gaussian of width ``sigma`` and
+    ``int(D * margin)`` indices are ignored at each end of its second difference; shorter spectra use the raw
+    second difference. The knee is the index after the argmax of the second difference. Deviation: a spectrum
+    without any convex bend (flat or concave) has no knee and gives ``D`` (empty null space), where the
+    authors' code keeps at least one null direction.
 
     Args:
         values: [D] singular values (or covariance eigenvalues), sorted descending.
         sigma: Gaussian smoothing width in indices.
-        margin: fraction of indices ignored at each end of the second difference.
+        margin: fraction of indices ignored at each end of the smoothed second difference.
+        min_smooth: shortest spectrum that is smoothed.
 
     Returns:
         k0 in [1, D]: indices ``k0, ..., D-1`` are the null directions.
@@ -41,15 +44,15 @@ def knee_index(values: torch.Tensor, sigma: float = 10.0, margin: float = 0.015)
     n = values.numel()
     if n < 3:
         return n
-    smooth = gaussian_filter1d(values.detach().double().cpu().numpy(), sigma=sigma)
-    second = np.diff(smooth, n=2)  # second[i] is centred on index i + 1
-    skip = int(margin * second.size)
-    if second.size - 2 * skip <= 0:
-        skip = 0
+    points = values.detach().double().cpu().numpy()
+    smooth = gaussian_filter1d(points, sigma=sigma) if n >= min_smooth else points
+    second = np.diff(smooth, n=2)  # second[i] = f[i] - 2 f[i+1] + f[i+2], centred on index i + 1
+    skip = int(n * margin) if n >= min_smooth else 0
+    if second.size <= 2 * skip:
+        raise ValueError(f"margin must leave part of the spectrum, got {margin} for {n} values")
     window = second[skip:second.size - skip]
     best = int(np.argmax(window))
-    scale = float(np.abs(smooth).max())
-    if window[best] <= 1e-12 * scale:
+    if window[best] <= 1e-12 * float(np.abs(smooth).max()):
         return n
     return best + skip + 1
 
@@ -150,18 +153,21 @@ class NullSpaceEngine:
         self.projectors: Dict[str, torch.Tensor] = {}
         self.null_dims: Dict[str, int] = {}
 
-    def add(self, key: str, features: torch.Tensor) -> None:
+    def add(self, key: str, features: torch.Tensor, rows: Optional[int] = None) -> None:
         """Add ``X^T X / rows`` of one batch of feature rows to the covariance of ``key``.
 
         Args:
             key: feature name.
-            features: [rows, D] (or [..., D], flattened to rows) feature rows, any float dtype and device.
+            features: [r, D] (or [..., D], flattened to rows) feature rows, any float dtype and device.
+            rows: number of feature rows the batch stands for (default r); differs from r when ``features``
+                is a compressed factor with the same ``X^T X`` (see ``features.delta_x_rows``).
         """
         if features.ndim < 2:
             raise ValueError(f"features for {key!r} must have shape [rows, D], got {tuple(features.shape)}")
         x = features.detach().reshape(-1, features.shape[-1]).to(torch.float64)
-        if x.shape[0] > 0:
-            self.add_covariance(key, x.T @ x / x.shape[0], x.shape[0])
+        rows = x.shape[0] if rows is None else rows
+        if rows > 0:
+            self.add_covariance(key, x.T @ x / rows, rows)
 
     def add_covariance(self, key: str, cov: torch.Tensor, rows: int) -> None:
         """Add an already-formed [D, D] covariance of ``rows`` feature rows to ``key`` (kept on its device).

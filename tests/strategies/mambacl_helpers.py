@@ -20,10 +20,11 @@ def digits_dataset(index: torch.Tensor) -> TensorDataset:
     return ds
 
 
-def split_digits(n_train: int = 1400, per_class: Sequence[int] = ()):
+def split_digits(n_train: int = 1400, per_class: Sequence[int] = (), **transforms):
     """Class-incremental split digits: 5 experiences of 2 classes (fixed order 0..9), train/test split by seed 0.
 
-    ``per_class`` optionally caps the training samples per experience (e.g. a rank-deficient experience 1).
+    ``per_class`` optionally caps the training samples per experience (e.g. a rank-deficient experience 1);
+    ``transforms`` (train_transform, eval_transform) go to ``nc_benchmark``.
     """
     perm = torch.randperm(1797, generator=torch.Generator().manual_seed(0))
     train, test = perm[:n_train], perm[n_train:]
@@ -34,7 +35,7 @@ def split_digits(n_train: int = 1400, per_class: Sequence[int] = ()):
         test = train
     n_exp = len(per_class) or 5
     return nc_benchmark(digits_dataset(train), digits_dataset(test), n_experiences=n_exp, task_labels=False,
-                        fixed_class_order=list(range(2 * n_exp)))
+                        fixed_class_order=list(range(2 * n_exp)), **transforms)
 
 
 def tiny_vim(patch_size: int = 2, embed_dim: int = 32, head: str = "experience", **kwargs) -> ContinualClassifier:

@@ -3,6 +3,8 @@
 Experience 1 has 4 images x 5 tokens = 20 feature rows of width d_inner = 32, so every feature covariance is
 rank-deficient and the 'kernel' rule with the strict projector gives the exact null space.
 """
+from types import SimpleNamespace
+
 import pytest
 import torch
 from avalanche.training import Naive
@@ -36,10 +38,10 @@ def _probe(model, x):
     return rec, outs
 
 
-def _two_experiences(plugin):
+def _two_experiences(plugin, mixer="mamba", head="experience"):
     torch.manual_seed(0)
     bench = split_digits(per_class=(4, 16))
-    model = tiny_vim(patch_size=4, embed_dim=16)
+    model = tiny_vim(patch_size=4, embed_dim=16, mixer=mixer, head=head)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     strategy = Naive(model=model, optimizer=opt, train_mb_size=4, train_epochs=4, eval_mb_size=16,
                      plugins=[plugin] if plugin else None, evaluator=EvaluationPlugin(loggers=[]))
@@ -56,16 +58,19 @@ def _relative(x, d):
     return ((x @ d).norm() / (x.norm() * d.norm())).item()
 
 
-def test_strict_kernel_projection_keeps_every_constraint():
+@pytest.mark.parametrize("mixer, head", [("mamba", "experience"), ("longhorn", "incremental")])
+def test_strict_kernel_projection_keeps_every_constraint(mixer, head):
     plugin = NullSpacePlugin(selection="kernel", projector="strict", progress=False)
-    model, (rec, _), _, w1, w2 = _two_experiences(plugin)
+    model, (rec, _), _, w1, w2 = _two_experiences(plugin, mixer, head)
     checked = 0
     for name, mod in model.named_modules():
         pre = name + "."
         if isinstance(mod, SSMBranch):
             x, f, delta = _rows(rec, pre + "tap_x"), _rows(rec, pre + "tap_delta_x"), _rows(rec, pre + "tap_delta")
             cases = [(x, pre + "x_proj_dt.weight", "right"), (x, pre + "x_proj_C.weight", "right"),
-                     (f, pre + "x_proj_B.weight", "right"), (delta, pre + "A_log", "left")]
+                     (f, pre + "x_proj_B.weight", "right")]
+            if mixer == "mamba":  # Longhorn has no A
+                cases.append((delta, pre + "A_log", "left"))
         elif isinstance(mod, SSMMixer):
             cases = [(_rows(rec, pre + "tap_out"), pre + "out_proj.weight", "right")]
         else:
@@ -77,7 +82,8 @@ def test_strict_kernel_projection_keeps_every_constraint():
             rel = _relative(feats, d if side == "left" else d.T)
             assert rel < 1e-5, f"{pname}: old features see the update ({rel:.2e})"
             checked += 1
-    assert checked == 2 * 2 * 4 + 2  # 2 blocks x 2 directions x 4 branch parameters + 2 out_proj
+    per_branch = 4 if mixer == "mamba" else 3
+    assert checked == 2 * 2 * per_branch + 2  # 2 blocks x 2 directions x branch parameters + 2 out_proj
     frozen = [n for n in w1 if "in_proj" in n or "conv1d" in n or "dt_proj" in n or n.endswith(".D")]
     assert frozen and all(torch.equal(w1[n], w2[n]) for n in frozen)
 
@@ -125,3 +131,61 @@ def test_adam_nscl_layer_plan_keeps_linear_and_conv_outputs():
     # dt_proj runs through F.linear (no forward of its own), so it has no features and must stay frozen
     dt = [p for n, p in model.named_parameters() if n.endswith("dt_proj.weight")]
     assert dt and not any(p.requires_grad for p in dt)
+
+
+def test_first_experience_is_unprojected_and_optimizer_state_resets():
+    bench = split_digits(per_class=(4, 16))
+    weights, steps = [], []
+    for plugin in (None, NullSpacePlugin(trainable=None, progress=False)):
+        torch.manual_seed(0)
+        model = tiny_vim(patch_size=4, embed_dim=16)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        strategy = Naive(model=model, optimizer=opt, train_mb_size=4, train_epochs=2,
+                         plugins=[plugin] if plugin else None, evaluator=EvaluationPlugin(loggers=[]))
+        strategy.train(bench.train_stream[0])
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        strategy.train(bench.train_stream[1])
+        steps.append(int(opt.state[model.backbone.layers[0].mixer.fwd.x_proj_C.weight]["step"]))
+    assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])  # experience 1 trains as Naive
+    assert steps == [2 * 1 + 2 * 4, 2 * 4]  # Adam's step count restarts with experience 2 (4 batches x 2 epochs)
+
+
+def test_covariances_are_collected_on_eval_transformed_data_in_eval_mode():
+    bench = split_digits(per_class=(10, 4), train_transform=lambda x: 1.0 - x)
+    torch.manual_seed(0)
+    model = tiny_vim(patch_size=4, embed_dim=16, drop_path_rate=0.5)  # eval mode matters
+    plugin = NullSpacePlugin(progress=False, collect_mb_size=3)
+    strategy = Naive(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3), train_mb_size=5,
+                     plugins=[plugin], evaluator=EvaluationPlugin(loggers=[]))
+    strategy.train(bench.train_stream[0])
+    data = bench.train_stream[0].dataset
+    raw = torch.stack([data.eval()[i][0] for i in range(10)])
+    assert not torch.equal(raw[0], data.train()[0][0])  # the train transform is really different
+    model.eval()
+    with torch.no_grad(), record_taps(model, TAPS) as rec:
+        for chunk in raw.split(3):  # 3 + 3 + 3 + 1 images
+            model(chunk)
+    reference = {}
+    for name, batches in rec.items():
+        rows = [t.reshape(-1, t.shape[-1]).double() for t in batches]
+        reference[name] = sum(r.T @ r / r.shape[0] for r in rows)
+        assert plugin.engine.rows[name] == sum(r.shape[0] for r in rows)
+    assert set(reference) == set(plugin.engine.covariances) and len(reference) == 2 * (2 * 3 + 1)
+    for name, cov in reference.items():
+        torch.testing.assert_close(plugin.engine.covariances[name], cov, rtol=1e-5, atol=1e-7 * cov.abs().max())
+
+    # reduce_fn sees this experience's statistics in sorted key order and its result joins the running sums
+    seen = []
+
+    def doubled(covariances, rows):
+        seen.append(list(covariances))
+        return {k: 2 * v for k, v in covariances.items()}, {k: 2 * n for k, n in rows.items()}
+    before, rows_before = dict(plugin.engine.covariances), dict(plugin.engine.rows)
+    before = {k: v.clone() for k, v in before.items()}
+    plugin.reduce_fn = doubled
+    model.train()
+    plugin.collect(SimpleNamespace(model=model, experience=bench.train_stream[0], device="cpu"))
+    assert model.training and seen == [sorted(before)]
+    for name, cov in before.items():
+        torch.testing.assert_close(plugin.engine.covariances[name], 3 * cov, rtol=1e-9, atol=1e-12)
+        assert plugin.engine.rows[name] == 3 * rows_before[name]

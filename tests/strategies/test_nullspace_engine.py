@@ -5,6 +5,7 @@ import pytest
 import scipy.linalg
 import torch
 
+from mambacl.strategies.features import delta_x_rows
 from mambacl.strategies.nullspace import NullSpaceEngine, build_projector, knee_index, null_space_size
 
 
@@ -116,3 +117,38 @@ def test_state_dict_round_trip():
     torch.testing.assert_close(other.projectors["k"], eng.projectors["k"], rtol=0, atol=0)
     torch.testing.assert_close(other.covariances["k"], eng.covariances["k"], rtol=0, atol=0)
     assert other.rows == eng.rows and other.null_dims == eng.null_dims
+
+
+def test_knee_on_short_spectrum_uses_the_raw_second_difference():
+    # Below 128 values the authors' rule does not smooth: a kink near the start is found exactly.
+    idx = torch.arange(40, dtype=torch.float64)
+    s = torch.where(idx < 3, 100 - 20 * idx, 100 - 60 - 0.5 * (idx - 3))
+    assert knee_index(s) == 3
+    assert knee_index(s, min_smooth=3) != 3  # smoothed with sigma = 10 the kink moves
+
+
+def test_knee_margin_ignores_the_ends_of_long_spectra():
+    # 1.5% of 200 = 3 indices are ignored at each end: a kink at index 2 is skipped in favour of the one at 100.
+    idx = torch.arange(200, dtype=torch.float64)
+    s = 1e4 - 1000 * idx.clamp(max=2) - 10 * (idx - 2).clamp(min=0).clamp(max=98) - 0.1 * (idx - 100).clamp(min=0)
+    assert knee_index(s, sigma=0.3) == 100  # a narrow kernel keeps the kink at 2 inside the ignored margin
+    with pytest.raises(ValueError, match="margin"):
+        knee_index(s, margin=0.6)
+
+
+@pytest.mark.parametrize("length", [3, 12], ids=["L<D", "L>=D"])
+def test_delta_x_rows_have_the_gram_matrix_of_f(length):
+    b, width = 4, 8
+    delta, x = torch.rand(b, length, width), torch.randn(b, length, width)
+    f = torch.zeros(b, width, width, dtype=torch.float64)  # F[b, i, :] = sum_t delta[b, t, i] x[b, t, :]
+    for t in range(length):
+        f += delta[:, t, :, None].double() * x[:, t, None, :].double()
+    reference = NullSpaceEngine()
+    reference.add("k", f.reshape(-1, width))
+    compressed = NullSpaceEngine()
+    stash = {"x": x}
+    rows, count = delta_x_rows(stash, None, (delta,), delta)
+    compressed.add("k", rows, count)
+    assert count == b * width and rows.shape[0] == b * min(length, width) and not stash
+    torch.testing.assert_close(compressed.covariances["k"], reference.covariances["k"], rtol=1e-10, atol=1e-12)
+    assert compressed.rows == reference.rows

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from avalanche.core import SupervisedPlugin
@@ -14,6 +14,13 @@ from mambacl.strategies.features import PAPER_TRAINABLE, ProtectionPlan, layer_p
 from mambacl.strategies.nullspace import NullSpaceEngine, ProjectorKind, Selection
 
 PROTECT = ("ssm", "layers")
+Statistics = Tuple[Dict[str, torch.Tensor], Dict[str, int]]
+ReduceFn = Callable[[Dict[str, torch.Tensor], Dict[str, int]], Statistics]
+
+
+def _add_rows(engine: NullSpaceEngine, key: str, rows: Union[torch.Tensor, Tuple[torch.Tensor, int]]) -> None:
+    features, count = rows if isinstance(rows, tuple) else (rows, None)
+    engine.add(key, features, count)
 
 
 class NullSpacePlugin(SupervisedPlugin):
@@ -44,6 +51,10 @@ class NullSpacePlugin(SupervisedPlugin):
         exclude: module-name components never protected (default the classifier ``head``).
         collect_mb_size: batch size of the covariance pass (default the strategy's eval_mb_size).
         progress: show a tqdm bar while collecting.
+        reduce_fn: applied to this experience's statistics ``({key: [D, D] float64 covariance sum},
+            {key: rows})`` before they join the running sums, e.g. an all-reduce across data-parallel ranks
+            (keys are sorted, so every rank reduces in the same order). Default: identity. See
+            :meth:`reduce_statistics` and :meth:`collect_loader`.
 
     Example:
         >>> plugin = NullSpacePlugin(selection="knee", projector="soft", eta=0.95)
@@ -54,7 +65,7 @@ class NullSpacePlugin(SupervisedPlugin):
                  eta: float = 0.95, a: float = 10.0, threshold: float = 0.97, tol: float = 1e-10,
                  wb_features: str = "aggregated", trainable: Optional[Sequence[str]] = PAPER_TRAINABLE,
                  exclude: Sequence[str] = ("head",), collect_mb_size: Optional[int] = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, reduce_fn: Optional[ReduceFn] = None) -> None:
         super().__init__()
         if protect not in PROTECT:
             raise ValueError(f"protect must be one of {PROTECT}, got {protect!r}")
@@ -69,7 +80,7 @@ class NullSpacePlugin(SupervisedPlugin):
         self.protect, self.wb_features = protect, wb_features
         self.trainable = None if trainable is None else tuple(trainable)
         self.exclude = tuple(exclude)
-        self.collect_mb_size, self.progress = collect_mb_size, progress
+        self.collect_mb_size, self.progress, self.reduce_fn = collect_mb_size, progress, reduce_fn
         self.experiences = 0
         self._active: Dict[str, Tuple[torch.nn.Parameter, torch.Tensor, str]] = {}
         self._snapshots: Dict[str, torch.Tensor] = {}
@@ -90,7 +101,9 @@ class NullSpacePlugin(SupervisedPlugin):
             raise ValueError(f"protected parameters not found in the model: {sorted(unknown)}")
         match_kinds([n for n, _ in model.named_modules()], self.exclude, "exclude", extra=("head",))
         if self.trainable is not None:
-            train = match_kinds(list(params), self.trainable, "trainable", extra=("protected", "head"))
+            # the paper's default names A_log, which e.g. Longhorn lacks; user-given names must all exist
+            optional = PAPER_TRAINABLE if self.trainable == PAPER_TRAINABLE else ()
+            train = match_kinds(list(params), self.trainable, "trainable", extra=("protected", "head") + optional)
             if "protected" in self.trainable:
                 train |= set(plan.params)
             for name, p in params.items():
@@ -108,30 +121,52 @@ class NullSpacePlugin(SupervisedPlugin):
             if width == proj.shape[0]:  # heads that changed shape are skipped
                 self._active[name] = (p, proj.to(device=p.device, dtype=p.dtype), side)
 
+    def collect_loader(self, strategy) -> DataLoader:
+        """Loader over the current experience's training data with its eval transform, in a fixed order.
+
+        Override to shard it across data-parallel ranks (then reduce the statistics with ``reduce_fn``).
+        """
+        dataset = strategy.experience.dataset.eval()
+        batch = self.collect_mb_size or strategy.eval_mb_size or strategy.train_mb_size
+        return DataLoader(dataset, batch_size=batch, shuffle=False, collate_fn=getattr(dataset, "collate_fn", None))
+
+    def reduce_statistics(self, covariances: Dict[str, torch.Tensor], rows: Dict[str, int]) -> Statistics:
+        """Combine one experience's covariance sums and row counts before decomposition (``reduce_fn``).
+
+        Args:
+            covariances: {feature key: [D, D] float64 sum of per-batch ``X^T X / rows``}, in sorted key order.
+            rows: {feature key: number of feature rows}.
+
+        Returns:
+            The (covariances, rows) that join the running sums; the identity without ``reduce_fn``.
+        """
+        return (covariances, rows) if self.reduce_fn is None else self.reduce_fn(covariances, rows)
+
     @torch.no_grad()
     def collect(self, strategy) -> None:
         """Add the current experience's feature covariances (eval transform, eval mode, no grad) and rebuild
         the projectors."""
         model, plan = strategy.model, self.plan(strategy.model)
-        dataset = strategy.experience.dataset.eval()
-        batch = self.collect_mb_size or strategy.eval_mb_size or strategy.train_mb_size
-        loader = DataLoader(dataset, batch_size=batch, shuffle=False, collate_fn=getattr(dataset, "collate_fn", None))
         fresh = NullSpaceEngine()
-        handles = [module.register_forward_hook(
-            lambda m, args, out, key=key, rows=rows: fresh.add(key, rows(m, args, out)))
+        handles = [module.register_forward_hook(hook) for module, hook in plan.aux]
+        handles += [module.register_forward_hook(
+            lambda m, args, out, key=key, rows=rows: _add_rows(fresh, key, rows(m, args, out)))
             for key, (module, rows) in plan.sources.items()]
         was_training = model.training
         model.eval()
         try:
             desc = f"null-space features, experience {self.experiences}"
-            for mb in tqdm(loader, desc=desc, disable=not self.progress, leave=False):
+            for mb in tqdm(self.collect_loader(strategy), desc=desc, disable=not self.progress, leave=False):
                 avalanche_forward(model, mb[0].to(strategy.device), mb[-1].to(strategy.device))
         finally:
             for h in handles:
                 h.remove()
             model.train(was_training)
-        for key, cov in fresh.covariances.items():
-            self.engine.add_covariance(key, cov.cpu(), fresh.rows[key])
+        keys = sorted(fresh.covariances)
+        covariances, rows = self.reduce_statistics({k: fresh.covariances[k] for k in keys},
+                                                   {k: fresh.rows[k] for k in keys})
+        for key, cov in covariances.items():
+            self.engine.add_covariance(key, cov.cpu(), rows[key])
         self.engine.update_projectors()
 
     def state_dict(self) -> dict:
