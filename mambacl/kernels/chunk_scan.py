@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from .utils import compute_dtype
 
-DEFAULT_CHUNK = 64
+CHUNK_ELEMENTS = 2 ** 19  # one chunk's [T, b, D, N] fp32 temporary stays near 2 MiB, in cache
+MIN_CHUNK, MAX_CHUNK = 8, 64
 
 Pair = Tuple[torch.Tensor, torch.Tensor]
 
@@ -41,8 +42,9 @@ class ScanForm:
         raise NotImplementedError
 
     def pair_bwd(self, dt: torch.Tensor, u: torch.Tensor, P: Optional[torch.Tensor], Bc: torch.Tensor,
-                 a: torch.Tensor, g: torch.Tensor, h_prev: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        """Gradients of ``(dt, u, P, Bc)`` in broadcast shape, given ``g = dL/db_t`` and ``g * h_prev = dL/da_t``."""
+                 a: torch.Tensor, g: torch.Tensor, da: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        """Gradients of ``(dt, u, P, Bc)`` in broadcast shape, given ``g = dL/db_t`` and ``da = g h_{t-1} = dL/da_t``
+        (a fresh tensor the form may overwrite)."""
         raise NotImplementedError
 
 
@@ -206,14 +208,16 @@ def chunk_scan_bwd(form_name: str, dout: torch.Tensor, u: torch.Tensor, delta: t
         xs = p.xs(t0, t1)
         a, h = form.pair(*xs)
         h = _scan_chunk(a, h, saved[i])
-        h_prev = torch.cat([saved[i][None], h[:-1]])
         dy_c, C_c = dy[t0:t1], _chunk(p.C, t0, t1)
         g = dy_c * C_c
         g[-1] += carry
         for t in range(g.shape[0] - 2, -1, -1):
             g[t].addcmul_(a[t + 1], g[t + 1])
         carry = a[0] * g[0]
-        chunk_grads = form.pair_bwd(*xs, a=a, g=g, h_prev=h_prev) + (weighted_sum(h, dy_c, C_c.shape),)
+        da = torch.empty_like(g)  # g_t * h_{t-1}, without concatenating saved and h
+        torch.mul(g[0], saved[i], out=da[0])
+        torch.mul(g[1:], h[:-1], out=da[1:])
+        chunk_grads = form.pair_bwd(*xs, a=a, g=g, da=da) + (weighted_sum(h, dy_c, C_c.shape),)
         for full, x, gx in zip(grads, xs + (C_c,), chunk_grads):
             if full is None:
                 continue
@@ -287,13 +291,27 @@ def _backward(ctx, dout, _dlast, _dsaved, _dpre):
 _chunk_scan_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def chunk_length(batch: int, dim: int, d_state: int) -> int:
+    """Default chunk length: one chunk's ``[T, b, D, N]`` temporaries stay cache-sized (T in [8, 64]).
+
+    Smaller chunks mean more Python-level ops per call, larger ones spill the per-chunk temporaries out of cache;
+    at b 8, D 384, N 16 on a 2-core CPU, T = 8-16 ran fwd+bwd about 1.5x faster than T = 64.
+    """
+    return min(MAX_CHUNK, max(MIN_CHUNK, CHUNK_ELEMENTS // (batch * dim * d_state)))
+
+
 def chunk_scan(form: str, u: torch.Tensor, delta: torch.Tensor, P: Optional[torch.Tensor], B: torch.Tensor,
                C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
                delta_bias: Optional[torch.Tensor], softplus: bool, return_last_state: bool,
-               chunk: int = DEFAULT_CHUNK):
-    """Run the registered op for ``form`` ('mamba' or 'longhorn'); see the ops' public functions for shapes."""
+               chunk: Optional[int] = None):
+    """Run the registered op for ``form`` ('mamba' or 'longhorn'); see the ops' public functions for shapes.
+
+    ``chunk`` (time steps per chunk) defaults to :func:`chunk_length` of the problem.
+    """
+    if chunk is None:
+        chunk = chunk_length(u.shape[0], u.shape[1], B.shape[-1] if B.dim() == 2 else B.shape[-2])
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk!r}")
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk!r}")
     args = [None if x is None else x.contiguous() for x in (u, delta, P, B, C, D, z, delta_bias)]
     out, last, _, _ = torch.ops.mambacl.chunk_scan(form, *args, softplus, chunk)
     return (out, last) if return_last_state else out

@@ -4,7 +4,6 @@ import torch
 from scan_oracle import OPTIONS, SHAPES, Case, check_against_oracle, longhorn_oracle, make_inputs
 
 from mambacl.kernels import longhorn_scan
-from mambacl.kernels.chunk_scan import DEFAULT_CHUNK
 from mambacl.kernels.longhorn_scan import longhorn_scan_chunk
 
 BACKENDS = ("reference", "chunk", "chunk-direct", "auto")
@@ -19,7 +18,7 @@ def _check(case: Case, backend: str, dtype: torch.dtype) -> None:
     def run(**x):
         args = (x["u"], x["delta"], x["k"], x["q"], x["D"], x["z"], x["delta_bias"], case.last_state)
         if backend == "chunk-direct":
-            return longhorn_scan_chunk(*args, chunk_size=case.chunk_size or DEFAULT_CHUNK)
+            return longhorn_scan_chunk(*args, chunk_size=case.chunk_size)
         return longhorn_scan(*args, backend=backend)
 
     check_against_oracle(run, longhorn_oracle, x, {}, case.last_state, dtype)

@@ -7,7 +7,6 @@ import torch
 from scan_oracle import SHAPES, assert_close, make_inputs
 
 from mambacl.kernels import longhorn_scan, longhorn_scan_ref, selective_scan, selective_scan_fn, selective_scan_ref
-from mambacl.kernels.chunk_scan import DEFAULT_CHUNK
 from mambacl.kernels.longhorn_scan import longhorn_scan_chunk
 from mambacl.kernels.selective_scan import selective_scan_chunk
 
@@ -55,7 +54,7 @@ def test_signatures_follow_mamba_ssm(op, expected, fns):
             assert keyword_only == {"backend": "auto"}, f"{op} {kind}: keyword-only {keyword_only}"
         else:
             assert inspect.Parameter.empty not in keyword_only.values(), f"{op} {kind}: {keyword_only}"
-    assert _split(fns["chunk"])[1] == {"chunk_size": DEFAULT_CHUNK}
+    assert _split(fns["chunk"])[1] == {"chunk_size": None}
 
 
 # ---- validation ----
@@ -138,7 +137,7 @@ def test_longhorn_scan_bad_input(overrides, error, match):
 def test_backend_and_chunk_size_are_checked():
     with pytest.raises(ValueError, match=r"backend must be one of"):
         selective_scan(**_mamba_args(), backend="cuda")
-    with pytest.raises(ValueError, match=r"chunk_size must be a positive int, got 0"):
+    with pytest.raises(ValueError, match=r"chunk_size must be a positive int or None, got 0"):
         selective_scan_chunk(*_mamba_args().values(), chunk_size=0)
     with pytest.raises(ValueError, match=r"chunk_size must be a positive int"):
         longhorn_scan_chunk(*_longhorn_args().values(), chunk_size=2.0)
@@ -185,7 +184,7 @@ def test_torch_compile_matches_eager():
 
 OPCHECK_CASES = {
     "mamba-all": ("mamba", SHAPES["group2-var-chunk8"].with_(D=True, z=True, delta_bias=True, softplus=True), 8),
-    "mamba-L1-plain": ("mamba", SHAPES["L1-const"], DEFAULT_CHUNK),
+    "mamba-L1-plain": ("mamba", SHAPES["L1-const"], 64),
     "longhorn-z": ("longhorn", SHAPES["odd-dim-N1-var"].with_(z=True), 3),
 }
 

@@ -4,7 +4,6 @@ import torch
 from scan_oracle import OPTIONS, SHAPES, Case, check_against_oracle, make_inputs, mamba_oracle
 
 from mambacl.kernels import selective_scan
-from mambacl.kernels.chunk_scan import DEFAULT_CHUNK
 from mambacl.kernels.selective_scan import selective_scan_chunk
 
 BACKENDS = ("reference", "chunk", "chunk-direct", "auto")
@@ -15,7 +14,7 @@ def _runner(backend: str, case: Case):
         args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], case.softplus,
                 case.last_state)
         if backend == "chunk-direct":  # the chunk function itself, with the case's chunk size
-            return selective_scan_chunk(*args, chunk_size=case.chunk_size or DEFAULT_CHUNK)
+            return selective_scan_chunk(*args, chunk_size=case.chunk_size)
         return selective_scan(*args, backend=backend)
     return run
 

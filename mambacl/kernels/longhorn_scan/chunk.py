@@ -5,7 +5,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ..chunk_scan import DEFAULT_CHUNK, FORMS, ScanForm, chunk_scan, contract_n
+from ..chunk_scan import FORMS, ScanForm, chunk_scan, contract_n
 
 
 class LonghornForm(ScanForm):
@@ -26,9 +26,8 @@ class LonghornForm(ScanForm):
         eps, _ = self._eps(dt, Bc)
         return 1 - eps * Bc * Bc, (eps * u) * Bc
 
-    def pair_bwd(self, dt, u, P, Bc, a, g, h_prev):
+    def pair_bwd(self, dt, u, P, Bc, a, g, da):
         eps, r = self._eps(dt, Bc)
-        da = g * h_prev
         # d eps = sum_n (-da k^2 + g k u); eps also enters through |k|^2: d eps / d|k|^2 = -eps^2
         gk = contract_n(g, Bc)
         deps = gk * u - contract_n(da, Bc * Bc)
@@ -49,11 +48,12 @@ def longhorn_scan_chunk(
     delta_bias: Optional[torch.Tensor] = None,
     return_last_state: bool = False,
     *,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: Optional[int] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Longhorn scan on the chunked PyTorch path (registered as ``torch.ops.mambacl.chunk_scan``).
 
     Args and Returns as :func:`mambacl.kernels.longhorn_scan` (no validation of the tensors here), plus
-    ``chunk_size``: time steps per chunk.
+    ``chunk_size``: time steps per chunk
+    (None: :func:`~mambacl.kernels.chunk_scan.chunk_length`).
     """
     return chunk_scan("longhorn", u, delta, None, k, q, D, z, delta_bias, False, return_last_state, chunk_size)

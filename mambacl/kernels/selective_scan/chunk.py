@@ -5,7 +5,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ..chunk_scan import DEFAULT_CHUNK, FORMS, ScanForm, chunk_scan, contract_n, weighted_sum
+from ..chunk_scan import FORMS, ScanForm, chunk_scan, contract_n, weighted_sum
 from ..utils import softplus as _softplus
 
 
@@ -24,8 +24,7 @@ class MambaForm(ScanForm):
         a = torch.exp(dt * P)
         return a, (dt * u) * Bc
 
-    def pair_bwd(self, dt, u, P, Bc, a, g, h_prev):
-        da = g * h_prev
+    def pair_bwd(self, dt, u, P, Bc, a, g, da):
         da.mul_(a)  # d(dt*A)
         gB = contract_n(g, Bc)
         ddt = contract_n(da, P) + gB * u
@@ -47,12 +46,12 @@ def selective_scan_chunk(
     delta_softplus: bool = False,
     return_last_state: bool = False,
     *,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: Optional[int] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Selective scan on the chunked PyTorch path (registered as ``torch.ops.mambacl.chunk_scan``).
 
     Args and Returns as :func:`mambacl.kernels.selective_scan` (no validation of the tensors here), plus
-    ``chunk_size``: time steps per chunk. Backward recomputes each chunk from its saved start state instead of
-    storing all ``[b, D, L, N]`` states.
+    ``chunk_size``: time steps per chunk (None: :func:`~mambacl.kernels.chunk_scan.chunk_length`). Backward
+    recomputes each chunk from its saved start state instead of storing all ``[b, D, L, N]`` states.
     """
     return chunk_scan("mamba", u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_size)
