@@ -133,7 +133,7 @@ CASES = {
     "const-B-var-C-N5": Case(1, 5, 9, 5, "const", "var", has_D=False, block_d=2),
     "N16": Case(1, 4, 6, 16, "var", "group2", has_bias=False, chunk_size=2),
     "L1": Case(2, 3, 1, 4, "var", "const", chunk_size=1),
-    "default-blocks": Case(1, 6, 13, 4, "var", "var", chunk_size=None, block_d=None),
+    "default-blocks": Case(1, 6, 13, 16, "var", "var", chunk_size=None, block_d=None),  # BLOCK_D 16 fwd, 4 bwd
     "bf16": Case(1, 6, 9, 4, "var", "var", dtype=torch.bfloat16),
 }
 LONGHORN_CASES = ("var-all-options", "const-bare", "group-straddles-block", "N16", "L1", "bf16")
