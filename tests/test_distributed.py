@@ -21,9 +21,9 @@ from torch.utils.data import TensorDataset
 from mambacl.strategies import MambaCL, NullSpaceEngine, NullSpacePlugin
 from mambacl.strategies.distributed import (DistributedPlugin, EvalShardSampler, RoundRobinBatchSampler,
                                             all_reduce_statistics_, all_reduce_sum_, broadcast_object,
-                                            check_batch_divisible, check_same_config, distributed_loader,
-                                            eval_shard_sizes, gather_eval, init_distributed, rank, world_size,
-                                            wrap_ddp)
+                                            check_batch_divisible, check_replicas_in_sync, check_same_config,
+                                            distributed_loader, eval_shard_sizes, gather_eval, init_distributed,
+                                            rank, world_size, wrap_ddp)
 
 sys.path.insert(0, str(Path(__file__).parent / "strategies"))
 from mambacl_helpers import split_digits, tiny_vim  # noqa: E402  (split digits and a tiny Vision Mamba)
@@ -116,6 +116,15 @@ def worker_collectives(out: str) -> None:
         except ValueError as err:
             res[name] = str(err)
     check_same_config({"lr": 0.1, "seed": 1})
+    torch.manual_seed(0)
+    replica = nn.Linear(3, 2)
+    res["in_sync"] = check_replicas_in_sync(replica)
+    with torch.no_grad():
+        replica.bias[1] += 0.25 * r
+    try:
+        check_replicas_in_sync(replica)
+    except RuntimeError as err:
+        res["diverged"] = str(err)
     exact = torch.tensor([1.0, 2.0 ** -40 * (r + 1)], dtype=torch.float64)
     counts = torch.tensor([r + 1, 10], dtype=torch.int64)
     all_reduce_sum_([exact, counts])
@@ -191,6 +200,8 @@ def test_config_and_batch_checks_fail_on_every_rank_naming_the_keys(collectives)
         assert "['depth', 'lr']" in res["config"] and "rank 1 has 0.2" in res["config"]
         assert "seed" not in res["config"].split(":")[0]
         assert "not divisible by the world size 2" in res["batch"]
+        assert res["in_sync"] == 0.0 and "max |difference| 2.500e-01" in res["diverged"]
+    assert "bias" in collectives[1]["diverged"] and "bias" not in collectives[0]["diverged"]
 
 
 def test_all_reduce_keeps_float64_and_int64(collectives):

@@ -39,7 +39,7 @@ BACKENDS = ("nccl", "gloo")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 __all__ = ["DistributedPlugin", "EvalShardSampler", "RoundRobinBatchSampler", "all_reduce_statistics_",
-           "all_reduce_sum_", "barrier", "broadcast_object", "check_batch_divisible", "check_same_config",
+           "all_reduce_sum_", "barrier", "broadcast_object", "check_batch_divisible", "check_replicas_in_sync", "check_same_config",
            "distributed_loader", "eval_shard_sizes", "gather_eval", "gather_objects", "init_distributed",
            "is_distributed", "is_main_process", "local_device", "rank", "reduce_statistics", "round_robin_loader",
            "shard_nullspace_collection", "unwrap_model", "world_size", "wrap_ddp"]
@@ -270,6 +270,37 @@ def _rank_and_world(own: Optional[int], world: Optional[int]) -> tuple:
     if world < 1 or not 0 <= own < world:
         raise ValueError(f"need world >= 1 and rank in [0, world), got rank={own}, world={world}")
     return own, world
+
+
+@torch.no_grad()
+def check_replicas_in_sync(model: nn.Module, atol: float = 0.0) -> float:
+    """Largest difference between this rank's floating-point state (parameters and buffers) and rank 0's.
+
+    Args:
+        model: the (bare or DDP-wrapped) model, with the same state_dict keys and shapes on every rank.
+        atol: largest tolerated difference.
+
+    Returns:
+        The largest absolute difference over all ranks (0.0 outside a process group). Raises RuntimeError on
+        every rank, naming the first differing entries, when it exceeds ``atol``.
+    """
+    if not is_distributed():
+        return 0.0
+    comm = _comm_device()
+    worst: Dict[str, float] = {}
+    for name, value in unwrap_model(model).state_dict().items():
+        if value.is_floating_point():
+            ref = value.detach().to(comm, copy=True)
+            dist.broadcast(ref, src=0)
+            worst[name] = float((ref - value.detach().to(comm)).abs().max()) if value.numel() else 0.0
+    local = torch.tensor([max(worst.values(), default=0.0)], dtype=torch.float64, device=comm)
+    dist.all_reduce(local, op=dist.ReduceOp.MAX)
+    diff = float(local)
+    if diff > atol:
+        bad = [k for k, v in worst.items() if v > atol][:5]
+        raise RuntimeError(f"model replicas diverged across ranks: max |difference| {diff:.3e} > {atol:g}"
+                           + (f" (rank {rank()}: {bad})" if bad else ""))
+    return diff
 
 
 # -- evaluation ------------------------------------------------------------------------------------------------
