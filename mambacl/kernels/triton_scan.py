@@ -22,7 +22,7 @@ fp32 buffer; constant B/C, A, D and delta_bias gradients are per-batch partial s
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -354,21 +354,36 @@ def _bc_strides(t: torch.Tensor, dim: int) -> Tuple[int, int, int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3), dim // t.shape[1]
 
 
-def _check_device(u: torch.Tensor) -> None:
-    if u.device.type != "cuda" and not _is_interpreted():
-        raise ValueError(f"the triton backend needs CUDA tensors (CPU only under TRITON_INTERPRET=1); u is on {u.device}")
+class _Launch(NamedTuple):
+    batch: int
+    dim: int
+    seqlen: int
+    d_state: int
+    block_d: int
+    block_n: int
+    T: int
+    n_chunks: int
+    grid: Tuple[int, int]
 
 
-def _common(mode: str, u: torch.Tensor, P: Optional[torch.Tensor], B: torch.Tensor, C: torch.Tensor,
-            chunk_size: Optional[int], block_d: Optional[int], backward: bool):
+def _launch(mode: str, u: torch.Tensor, B: torch.Tensor, chunk_size: Optional[int], block_d: Optional[int],
+            backward: bool) -> _Launch:
+    """Check the mode and the device, and pick the block sizes and the grid of one kernel launch."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
-    _check_device(u)
+    if u.device.type != "cuda" and not _is_interpreted():
+        raise ValueError(f"the triton backend needs CUDA tensors (CPU ones only under TRITON_INTERPRET=1); "
+                         f"u is on {u.device}")
     batch, dim, seqlen = u.shape
     d_state = B.shape[1] if B.dim() == 2 else B.shape[-2]
     block_d, block_n, T = scan_config(d_state, seqlen, chunk_size, block_d, backward)
-    # absent optional tensors are passed as u (never read: their constexpr flag is off)
-    return batch, dim, seqlen, d_state, block_d, block_n, T, triton.cdiv(seqlen, T), (u if P is None else P)
+    return _Launch(batch, dim, seqlen, d_state, block_d, block_n, T, triton.cdiv(seqlen, T),
+                   (batch, triton.cdiv(dim, block_d)))
+
+
+def _ptr(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
+    """An absent optional tensor is passed as ``fallback``: its constexpr flag is off, so it is never read."""
+    return fallback if t is None else t
 
 
 def scan_fwd(mode: str, u: torch.Tensor, delta: torch.Tensor, P: Optional[torch.Tensor], B: torch.Tensor,
@@ -384,16 +399,15 @@ def scan_fwd(mode: str, u: torch.Tensor, delta: torch.Tensor, P: Optional[torch.
     Returns:
         out ``[b, D, L]`` in u's dtype and the chunk-end states ``[b, D, n_chunks, N]`` fp32 (the last is h_L).
     """
-    batch, dim, seqlen, d_state, block_d, block_n, T, n_chunks, A = _common(mode, u, P, B, C, chunk_size, block_d, False)
+    cfg = _launch(mode, u, B, chunk_size, block_d, backward=False)
     out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
-    states = torch.empty((batch, dim, n_chunks, d_state), dtype=torch.float32, device=u.device)
-    grid = (batch, triton.cdiv(dim, block_d))
-    _scan_fwd_kernel[grid](
-        u, delta, A, B, C, u if D is None else D, u if z is None else z, u if delta_bias is None else delta_bias,
-        out, states, dim, seqlen, d_state, n_chunks, u.stride(0), u.stride(1),
-        *_bc_strides(B, dim), *_bc_strides(C, dim),
+    states = torch.empty((cfg.batch, cfg.dim, cfg.n_chunks, cfg.d_state), dtype=torch.float32, device=u.device)
+    _scan_fwd_kernel[cfg.grid](
+        u, delta, _ptr(P, u), B, C, _ptr(D, u), _ptr(z, u), _ptr(delta_bias, u), out, states,
+        cfg.dim, cfg.seqlen, cfg.d_state, cfg.n_chunks, u.stride(0), u.stride(1),
+        *_bc_strides(B, cfg.dim), *_bc_strides(C, cfg.dim),
         MODE=MODES[mode], SOFTPLUS=bool(softplus), HAS_D=D is not None, HAS_Z=z is not None,
-        HAS_BIAS=delta_bias is not None, BLOCK_D=block_d, BLOCK_N=block_n, T=T, num_warps=FWD_WARPS,
+        HAS_BIAS=delta_bias is not None, BLOCK_D=cfg.block_d, BLOCK_N=cfg.block_n, T=cfg.T, num_warps=FWD_WARPS,
     )
     return out, states
 
@@ -417,26 +431,25 @@ def scan_bwd(mode: str, dout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor
     Returns:
         gradients of ``(u, delta, P, B, C, D, z, delta_bias)`` in their input dtypes, None for absent inputs.
     """
-    batch, dim, seqlen, d_state, block_d, block_n, T, n_chunks, A = _common(mode, u, P, B, C, chunk_size, block_d, True)
+    cfg = _launch(mode, u, B, chunk_size, block_d, backward=True)
     du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
     ddelta = torch.empty(delta.shape, dtype=delta.dtype, device=u.device)
     dz = None if z is None else torch.empty(z.shape, dtype=z.dtype, device=u.device)
+    # per-batch partial sums, reduced below (deterministic, no atomics)
     partial = dict(device=u.device, dtype=torch.float32)
-    dA = torch.empty((batch, dim, d_state), **partial) if P is not None else None
-    dD = torch.empty((batch, dim), **partial) if D is not None else None
-    dbias = torch.empty((batch, dim), **partial) if delta_bias is not None else None
-    dB, dB_strides, B_const, B_same = _bc_grad_buffer(B, batch, dim, d_state, block_d)
-    dC, dC_strides, C_const, C_same = _bc_grad_buffer(C, batch, dim, d_state, block_d)
-    grid = (batch, triton.cdiv(dim, block_d))
-    _scan_bwd_kernel[grid](
-        u, delta, A, B, C, u if D is None else D, u if z is None else z, u if delta_bias is None else delta_bias,
-        dout, states, du, ddelta, du if dz is None else dz, u if dA is None else dA, dB, dC,
-        u if dD is None else dD, u if dbias is None else dbias,
-        dim, seqlen, d_state, n_chunks, u.stride(0), u.stride(1),
-        *_bc_strides(B, dim), *_bc_strides(C, dim), *dB_strides, *dC_strides,
+    dA = None if P is None else torch.empty((cfg.batch, cfg.dim, cfg.d_state), **partial)
+    dD = None if D is None else torch.empty((cfg.batch, cfg.dim), **partial)
+    dbias = None if delta_bias is None else torch.empty((cfg.batch, cfg.dim), **partial)
+    dB, dB_strides, B_const, B_same = _bc_grad_buffer(B, cfg.batch, cfg.dim, cfg.d_state, cfg.block_d)
+    dC, dC_strides, C_const, C_same = _bc_grad_buffer(C, cfg.batch, cfg.dim, cfg.d_state, cfg.block_d)
+    _scan_bwd_kernel[cfg.grid](
+        u, delta, _ptr(P, u), B, C, _ptr(D, u), _ptr(z, u), _ptr(delta_bias, u), dout, states,
+        du, ddelta, _ptr(dz, du), _ptr(dA, du), dB, dC, _ptr(dD, du), _ptr(dbias, du),
+        cfg.dim, cfg.seqlen, cfg.d_state, cfg.n_chunks, u.stride(0), u.stride(1),
+        *_bc_strides(B, cfg.dim), *_bc_strides(C, cfg.dim), *dB_strides, *dC_strides,
         MODE=MODES[mode], SOFTPLUS=bool(softplus), HAS_D=D is not None, HAS_Z=z is not None,
         HAS_BIAS=delta_bias is not None, B_CONST=B_const, C_CONST=C_const, B_SAME_GROUP=B_same,
-        C_SAME_GROUP=C_same, BLOCK_D=block_d, BLOCK_N=block_n, T=T, num_warps=BWD_WARPS,
+        C_SAME_GROUP=C_same, BLOCK_D=cfg.block_d, BLOCK_N=cfg.block_n, T=cfg.T, num_warps=BWD_WARPS,
     )
     dB = dB.sum(0) if B_const else dB
     dC = dC.sum(0) if C_const else dC
