@@ -17,8 +17,9 @@ to time order; ``associative_scan(reverse=True)`` is avoided, see triton-lang/tr
 
 B/C in any of the three forms share one addressing scheme ``b*sb + (d // gsize)*sg + n*sn + t*st``: constant
 ``[D, N]`` (gsize 1, sb = st = 0), variable ``[b, N, L]`` (gsize D, sg = 0) and grouped ``[b, G, N, L]``.
-Gradients of variable/grouped B/C are summed over the channels of a block, then added with atomics into an
-fp32 buffer; constant B/C, A, D and delta_bias gradients are per-batch partial sums reduced with ``torch.sum``.
+Gradients of variable/grouped B/C are added with atomics into an fp32 buffer (summed over the block's channels
+first when they all share one B/C row); constant B/C, A, D and delta_bias gradients are per-batch partial sums
+reduced with ``torch.sum``. Internals are fp32 whatever the input dtype; decays use exp2 with clamped exponents.
 """
 from __future__ import annotations
 

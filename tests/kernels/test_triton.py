@@ -189,6 +189,16 @@ def test_public_dispatch_uses_triton_backend():
     torch.testing.assert_close(out.double(), scan64("longhorn", *xs, softplus=False)[0], rtol=6e-4, atol=2e-3)
 
 
+def test_non_contiguous_inputs():
+    """Views with a strided last axis (e.g. after a transpose) give the same result as contiguous copies."""
+    case = Case(1, 4, 6, 4, "var", "var")
+    xs = [x.detach() if x is not None else None for x in _inputs("mamba", case)]
+    views = [x if x is None or x.dim() < 3 else x.transpose(-1, -2).contiguous().transpose(-1, -2) for x in xs]
+    assert not views[0].is_contiguous() and not views[3].is_contiguous()
+    out = selective_scan_triton(*views, True, chunk_size=4, block_d=4)
+    torch.testing.assert_close(out.double(), scan64("mamba", *xs, softplus=True)[0], rtol=6e-4, atol=2e-3)
+
+
 @pytest.mark.parametrize("kw", [{"chunk_size": 3}, {"block_d": 0}, {"chunk_size": 2.0}], ids=["T3", "BD0", "float"])
 def test_block_sizes_must_be_powers_of_two(kw):
     xs = [x.detach() if x is not None else None for x in _inputs("mamba", Case(1, 4, 5, 4, "var", "var"))]
