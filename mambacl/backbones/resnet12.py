@@ -7,7 +7,7 @@ Built from timm layers and registered with timm as ``resnet12`` and the CI varia
 from __future__ import annotations
 
 from functools import partial
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -42,14 +42,18 @@ class ResNet12(nn.Module):
         widths: output channels of the four stages (64, 160, 320, 640 in the FSCIL papers).
         in_chans: input channels.
         num_classes: size of a linear head on the pooled features; 0 for none.
+        img_size: accepted so that runners may pass it to every timm model; the map size follows the input.
 
     Examples:
         >>> ResNet12(widths=(4, 4, 4, 8)).forward_features(torch.randn(2, 3, 32, 32)).shape
         torch.Size([2, 8, 2, 2])
     """
 
-    def __init__(self, widths: Sequence[int] = (64, 160, 320, 640), in_chans: int = 3, num_classes: int = 0) -> None:
+    def __init__(self, widths: Sequence[int] = (64, 160, 320, 640), in_chans: int = 3, num_classes: int = 0,
+                 img_size: Optional[int] = None) -> None:
         super().__init__()
+        if img_size is not None and img_size < 16:
+            raise ValueError(f"img_size must be >= 16 (four 2x2 poolings), got {img_size}")
         widths = tuple(widths)
         if len(widths) != 4 or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
             raise ValueError(f"widths must be four positive ints, got {widths!r}")

@@ -13,11 +13,14 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from avalanche.benchmarks.scenarios import benchmark_from_datasets, with_classes_timeline
-from avalanche.benchmarks.utils import PathsDataset, as_classification_dataset
-from avalanche.benchmarks.utils.transform_groups import TransformGroups
+from avalanche.benchmarks.scenarios import benchmark_from_datasets, with_classes_timeline, with_task_labels
+from avalanche.benchmarks.utils import PathsDataset
+# The helper Avalanche's own generators use to attach task label 0 (metric names then carry "Task000").
+from avalanche.benchmarks.utils.classification_dataset import _make_taskaware_classification_dataset
 from torchvision import transforms as T
 from torchvision.datasets import CIFAR100
+
+from mambacl.benchmarks.registry import register_benchmark
 
 __all__ = ["FSCILSpec", "FSCIL_SPECS", "read_index_list", "label_from_list_entry", "cec_sessions",
            "sample_sessions", "fscil_benchmark", "write_synthetic_cifar100", "fscil_cifar100",
@@ -143,20 +146,20 @@ def fscil_benchmark(train_set, test_set, train_sessions: Sequence[Sequence[int]]
         spec: session shapes (test experience t holds classes ``< num_base + t * n_way``).
         train_transform, eval_transform: the 'train' and 'eval' transform groups.
     Returns:
-        a ``CLScenario`` with ``train_stream`` and ``test_stream`` and a classes timeline.
+        a ``CLScenario`` with ``train_stream`` and ``test_stream``, a classes timeline and task label 0.
     """
     if len(train_sessions) != spec.num_sessions:
         raise ValueError(f"train_sessions must have {spec.num_sessions} sessions, got {len(train_sessions)}")
-    groups = TransformGroups({"train": train_transform, "eval": eval_transform})
-    train_ds = as_classification_dataset(train_set, groups)
-    test_ds = as_classification_dataset(test_set, groups)
+    groups = {"train": (train_transform, None), "eval": (eval_transform, None)}
+    train_ds = _make_taskaware_classification_dataset(train_set, task_labels=0, transform_groups=groups)
+    test_ds = _make_taskaware_classification_dataset(test_set, task_labels=0, transform_groups=groups)
     test_targets = np.asarray(test_set.targets)
     train, test = [], []
     for t, idx in enumerate(train_sessions):
         seen = spec.num_base + t * spec.n_way
         train.append(train_ds.subset(list(idx)))
         test.append(test_ds.subset(np.flatnonzero(test_targets < seen).tolist()).eval())
-    return with_classes_timeline(benchmark_from_datasets(train=train, test=test))
+    return with_task_labels(with_classes_timeline(benchmark_from_datasets(train=train, test=test)))
 
 
 class _CIFAR100Files(CIFAR100):
@@ -219,19 +222,24 @@ def _row_indices(entries: Sequence[str], num_rows: int) -> List[int]:
     return rows
 
 
-def fscil_cifar100(root: PathLike, index_dir: Optional[PathLike] = None, seed: int = 0,
+@register_benchmark("fscil_cifar100", default_model="resnet12")
+def fscil_cifar100(root: PathLike = "~/.cache/mambacl/cifar100", index_dir: Optional[PathLike] = None, seed: int = 0,
                    train_transform: Optional[Callable] = None, eval_transform: Optional[Callable] = None,
-                   spec: FSCILSpec = FSCIL_SPECS["cifar100"]):
-    """CIFAR-100 FSCIL: 60 base classes + 8 x 5-way 5-shot (CEC lists are row indices into the train array).
+                   spec: Union[FSCILSpec, Dict[str, int]] = FSCIL_SPECS["cifar100"]):
+    """FSCIL CIFAR-100: 60 base classes + 8 sessions of 5-way 5-shot (CEC index lists or a seeded sampler).
+
+    The CEC lists are row indices into the python train array. Test experience t covers all seen classes.
 
     Args:
         root: folder containing ``cifar-100-python/`` (torchvision layout; nothing is downloaded).
         index_dir: CEC ``cifar100`` index-list folder; None for the seeded sampler.
         seed: sampler seed when ``index_dir`` is None.
         train_transform, eval_transform: defaults are the paper's (RandomResizedCrop 32 / resize 36 + crop 32).
-        spec: session shapes (override for small synthetic data).
+        spec: session shapes, or a mapping of FSCILSpec fields (override for small synthetic data).
     """
-    _require_dir(Path(root) / "cifar-100-python", "CIFAR-100 python folder")
+    spec = spec if isinstance(spec, FSCILSpec) else FSCILSpec(**spec)
+    root = Path(root).expanduser()
+    _require_dir(root / "cifar-100-python", "CIFAR-100 python folder")
     train_set = _CIFAR100Files(str(root), train=True, download=False)
     test_set = _CIFAR100Files(str(root), train=False, download=False)
     if index_dir is None:
@@ -271,16 +279,18 @@ def _path_benchmark(dataset: str, root: Path, train_files: List[Tuple[str, int]]
     return fscil_benchmark(train_set, test_set, sessions, spec, *transforms)
 
 
-def fscil_mini_imagenet(root: PathLike, index_dir: Optional[PathLike] = None, seed: int = 0,
+@register_benchmark("fscil_mini_imagenet", default_model="resnet12")
+def fscil_mini_imagenet(root: PathLike = "~/.cache/mambacl/mini_imagenet", index_dir: Optional[PathLike] = None, seed: int = 0,
                         train_transform: Optional[Callable] = None, eval_transform: Optional[Callable] = None):
-    """miniImageNet FSCIL (60 + 8 x 5-way 5-shot; classes in sorted-wnid order).
+    """FSCIL miniImageNet: 60 base classes + 8 sessions of 5-way 5-shot (classes in sorted-wnid order).
 
     Args:
         root: folder holding ``MINI-ImageNet/train/<wnid>/*.jpg`` and ``MINI-ImageNet/test/<wnid>/*.jpg``
             (the CEC list paths are relative to it).
         index_dir, seed, train_transform, eval_transform: as in :func:`fscil_cifar100` (84 px).
     """
-    base = _require_dir(Path(root) / "MINI-ImageNet", "miniImageNet folder")
+    root = Path(root).expanduser()
+    base = _require_dir(root / "MINI-ImageNet", "miniImageNet folder")
     wnids = sorted(p.name for p in _require_dir(base / "train", "miniImageNet train folder").iterdir() if p.is_dir())
 
     def files(split: str) -> List[Tuple[str, int]]:
@@ -293,15 +303,17 @@ def fscil_mini_imagenet(root: PathLike, index_dir: Optional[PathLike] = None, se
                            (train_transform or tr, eval_transform or te))
 
 
-def fscil_cub200(root: PathLike, index_dir: Optional[PathLike] = None, seed: int = 0,
+@register_benchmark("fscil_cub200", default_model="resnet18")
+def fscil_cub200(root: PathLike = "~/.cache/mambacl/cub200", index_dir: Optional[PathLike] = None, seed: int = 0,
                  train_transform: Optional[Callable] = None, eval_transform: Optional[Callable] = None):
-    """CUB-200 FSCIL (100 + 10 x 10-way 5-shot; label = folder prefix NNN - 1).
+    """FSCIL CUB-200: 100 base classes + 10 sessions of 10-way 5-shot (label = folder prefix NNN - 1).
 
     Args:
         root: folder holding ``CUB_200_2011/`` with ``images/``, ``images.txt`` and ``train_test_split.txt``.
         index_dir, seed, train_transform, eval_transform: as in :func:`fscil_cifar100` (224 px).
     """
-    base = _require_dir(Path(root) / "CUB_200_2011", "CUB_200_2011 folder")
+    root = Path(root).expanduser()
+    base = _require_dir(root / "CUB_200_2011", "CUB_200_2011 folder")
     for name in ("images.txt", "train_test_split.txt"):
         if not (base / name).is_file():
             raise FileNotFoundError(f"CUB-200 file {base / name} is missing")

@@ -186,3 +186,20 @@ def test_cub200_from_generated_folder_and_lists(tmp_path):
     x, y, *_ = train[3].dataset[0]
     assert abs(int(x[0, 0, 0]) - int(y)) <= 1  # the (JPEG-coded) pixel value written is the class id
 
+
+
+def test_registered_fscil_benchmarks_run_through_the_runner(cifar_root, tmp_path):
+    from mambacl.benchmarks import list_benchmarks
+    from mambacl.benchmarks.runner import RunConfig, run_benchmark
+
+    assert {"fscil_cifar100", "fscil_mini_imagenet", "fscil_cub200"} <= set(list_benchmarks())
+    config = RunConfig(benchmark="fscil_cifar100", benchmark_args=dict(root=str(cifar_root), spec=vars(SMALL)),
+                       strategy="mamba-fscil", model="test_resnet12", epochs=1, batch_size=8, progress=False,
+                       strategy_args=dict(num_classes=8, num_base=4, d_state=4, dt_rank=2, inc_steps=2,
+                                          inc_mb_size=4, base_lr=0.05),
+                       out=str(tmp_path / "run"))
+    results = run_benchmark(config)
+    rows = results["experiences"]
+    assert len(rows) == 3 and [r["classes"] for r in rows][-1] == list(range(8))
+    # Test experience t holds every class seen so far, so its accuracy is the FSCIL session accuracy.
+    assert all(0.0 <= r["acc_per_exp"][-1] <= 1.0 for r in rows)

@@ -120,3 +120,17 @@ def test_protocols_carry_published_settings():
 def test_fscil_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         _strategy(**kwargs)
+
+
+def test_registry_entry_builds_from_a_timm_backbone():
+    import timm
+
+    from mambacl.strategies.registry import TrainSetup, create_strategy, get_strategy
+
+    assert "Mamba-FSCIL" in get_strategy("mamba-fscil").summary
+    backbone = timm.create_model("test_resnet12", num_classes=0)
+    strategy = create_strategy("mamba-fscil", TrainSetup(backbone=backbone, train_mb_size=4), num_classes=8,
+                               num_base=4, d_state=4, dt_rank=2, inc_steps=3, base_lr=0.05)
+    assert isinstance(strategy, MambaFSCIL) and strategy.model.backbone.model is backbone
+    assert strategy.protocol.inc_steps == 3 and strategy.optimizer.param_groups[0]["lr"] == 0.05
+    assert strategy.model.neck.feat_hw == (2, 2) and strategy.model.head.num_seen == 4

@@ -1,7 +1,7 @@
 """Backbones for Mamba-FSCIL, selected by timm name, exposing their last feature map ``[b, C, H, W]``."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Tuple, Union
 
 import timm
 import torch
@@ -17,7 +17,8 @@ class FeatureMapBackbone(nn.Module):
     """A timm model cut before pooling: CNNs give their last map; Vim models their patch tokens as an ``h x w`` map.
 
     Args:
-        name: timm model name, e.g. 'resnet12' (CIFAR/mini), 'resnet18' (CUB), 'vim_tiny_patch16_224', 'test_vim'.
+        name: timm model name, e.g. 'resnet12' (CIFAR/mini), 'resnet18' (CUB), 'vim_tiny_patch16_224', 'test_vim';
+            or an already built timm model with ``forward_features`` (a VisionMamba without a cls token).
         img_size: input resolution, used to infer the map shape.
         in_chans: input channels.
         **kwargs: passed to ``timm.create_model`` (e.g. ``pretrained=True`` with weights in the local cache).
@@ -30,14 +31,19 @@ class FeatureMapBackbone(nn.Module):
         (8, 2, 2)
     """
 
-    def __init__(self, name: str, img_size: int, in_chans: int = 3, **kwargs) -> None:
+    def __init__(self, name: Union[str, nn.Module], img_size: int, in_chans: int = 3, **kwargs) -> None:
         super().__init__()
-        if name not in timm.list_models():
+        if isinstance(name, nn.Module):
+            if not hasattr(name, "forward_features"):
+                raise TypeError(f"backbone module must have forward_features, got {type(name).__name__}")
+            self.model = name
+        elif name not in timm.list_models():
             raise ValueError(f"backbone must be a timm model name (e.g. 'resnet12', 'resnet18', 'test_vim'), got {name!r}")
-        if name.startswith(("vim", "longhorn_vim", "test_vim", "test_longhorn_vim")):
-            kwargs.setdefault("img_size", img_size)
-            kwargs.setdefault("cls_token_position", "none")
-        self.model = timm.create_model(name, num_classes=0, in_chans=in_chans, **kwargs)
+        else:
+            if name.startswith(("vim", "longhorn_vim", "test_vim", "test_longhorn_vim")):
+                kwargs.setdefault("img_size", img_size)
+                kwargs.setdefault("cls_token_position", "none")
+            self.model = timm.create_model(name, num_classes=0, in_chans=in_chans, **kwargs)
         self.is_vim = isinstance(self.model, VisionMamba)
         was_training = self.training
         self.eval()

@@ -26,8 +26,9 @@ from mambacl.strategies.fscil.backbones import FeatureMapBackbone
 from mambacl.strategies.fscil.etf import ETFHead, dot_regression_loss, length_weights
 from mambacl.strategies.fscil.losses import LOSS_WEIGHTS, FSCILLossWeights, separation_loss, suppression_loss
 from mambacl.strategies.fscil.neck import MambaNeck, NeckOutput
+from mambacl.strategies.registry import TrainSetup, register_strategy
 
-__all__ = ["FSCILProtocol", "PROTOCOLS", "FSCILModel", "MambaFSCIL", "fscil_summary"]
+__all__ = ["FSCILProtocol", "PROTOCOLS", "FSCILModel", "MambaFSCIL", "fscil_summary", "mamba_fscil"]
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,7 @@ class MambaFSCIL(SupervisedTemplate):
         self.num_classes, self.num_base, self.inc_mb_size = num_classes, num_base, inc_mb_size
         self.fresh_branch = fresh_branch
         self.session = 0
+        self.session_accuracies: List[float] = []
         self._base_dataset = None
         self._prototypes: Dict[int, torch.Tensor] = {}
         self._scheduler: Optional[CosineLRScheduler] = None
@@ -319,8 +321,20 @@ class MambaFSCIL(SupervisedTemplate):
         self._scheduler.step_update(self._updates)
 
     # ------------------------------------------------------------------------------------------ results
+    def _after_eval_exp(self, **kwargs) -> None:
+        super()._after_eval_exp(**kwargs)
+        # The test experience of the session just trained holds every class seen so far: the session accuracy.
+        exp_id = self.experience.current_experience
+        trained = self.clock.train_exp_counter - 1
+        if exp_id == trained:
+            key = next((k for k in self.evaluator.get_last_metrics() if k.startswith("Top1_Acc_Exp/eval_phase/")
+                        and k.endswith(f"Exp{exp_id:03d}")), None)
+            if key is not None:
+                del self.session_accuracies[trained:]
+                self.session_accuracies.append(float(self.evaluator.get_last_metrics()[key]))
+
     def session_accuracy(self, test_experience) -> float:
-        """Top-1 accuracy on one test experience (all classes seen so far), via the evaluator."""
+        """Evaluate one test experience (all classes seen so far) and return its top-1 accuracy."""
         metrics = self.eval([test_experience])
         key = next((k for k in metrics if k.startswith("Top1_Acc_Exp/eval_phase/")
                     and k.endswith(f"Exp{test_experience.current_experience:03d}")), None)
@@ -328,10 +342,38 @@ class MambaFSCIL(SupervisedTemplate):
             raise RuntimeError("the evaluator records no Top1_Acc_Exp metric; add accuracy_metrics(experience=True)")
         return float(metrics[key])
 
+    def summary(self) -> Dict[str, object]:
+        """:func:`fscil_summary` of the accuracies recorded when each session's test experience was evaluated."""
+        return fscil_summary(self.session_accuracies)
+
     def run(self, train_stream, test_stream) -> Dict[str, object]:
         """Train every session and evaluate on its test experience. Returns :func:`fscil_summary` (fractions)."""
-        accs = []
         for train_exp, test_exp in zip(train_stream, test_stream):
             self.train(train_exp)
-            accs.append(self.session_accuracy(test_exp))
-        return fscil_summary(accs)
+            self.session_accuracy(test_exp)
+        return self.summary()
+
+
+@register_strategy("mamba-fscil")
+def mamba_fscil(setup: TrainSetup, *, protocol: str = "cifar100", num_classes: int = 100, num_base: int = 60,
+                img_size: int = 32, base_lr: Optional[float] = None, inc_steps: Optional[int] = None,
+                inc_mb_size: int = 64, d_state: int = 256, dt_rank: int = 256,
+                fresh_branch: bool = True) -> MambaFSCIL:
+    """Mamba-FSCIL: dual selective SSM projector on the backbone's map, fixed ETF head (see MambaFSCIL).
+
+    SGD at the protocol's learning rates; the run's (AdamW) lr and weight decay do not apply. Use a
+    feature-map backbone: 'resnet12' (CIFAR/mini), 'resnet18' (CUB) or a Vim without cls token.
+
+    Args:
+        protocol: 'cifar100', 'mini_imagenet' or 'cub200' (published settings, see PROTOCOLS).
+        num_classes, num_base: all classes and base classes (CUB: 200, 100).
+        img_size: input resolution (CIFAR 32, mini 84, CUB 224).
+        base_lr, inc_steps: override the protocol's base-session lr and incremental steps.
+        inc_mb_size: incremental batch. d_state, dt_rank: SSM sizes of the neck.
+        fresh_branch: a new zero-gated incremental branch every session.
+    """
+    overrides = {k: v for k, v in (("base_lr", base_lr), ("inc_steps", inc_steps)) if v is not None}
+    return MambaFSCIL(backbone=FeatureMapBackbone(setup.backbone, img_size), img_size=img_size,
+                      num_classes=num_classes, num_base=num_base, protocol=protocol, overrides=overrides,
+                      d_state=d_state, dt_rank=dt_rank, inc_mb_size=inc_mb_size, fresh_branch=fresh_branch,
+                      **setup.template_kwargs())
