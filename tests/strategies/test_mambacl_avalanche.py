@@ -1,11 +1,12 @@
 """MambaCL / NullSpacePlugin inside Avalanche: heads, split-digits forgetting vs Naive, resume, bad input."""
-import io
 import pickle
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from avalanche.checkpointing import maybe_load_checkpoint, save_checkpoint
 from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics
 from avalanche.models import IncrementalClassifier
 from avalanche.training import Naive
@@ -72,37 +73,48 @@ def test_mambacl_forgets_less_than_naive_on_split_digits():
     assert mambacl[ACCURACY] > 0.15  # better than chance (0.1) over all 10 classes
 
 
-def _resumable(bench, stop):
-    """Train MambaCL over the stream; with ``stop``, save model + plugin state after it and resume from the file
-    in a fresh strategy. (Avalanche's ``save_checkpoint`` cannot dill-pickle torch 2.x optimizers in this
-    environment; the plugin resets optimizer state at every experience anyway, so none is needed.)"""
-    def build(model=None, state=None):
+def _resumable(bench, stop, via, path):
+    """Train MambaCL over the stream; with ``stop``, checkpoint after that experience and resume from the file in
+    a fresh strategy: ``via='avalanche'`` uses Avalanche's save_checkpoint/maybe_load_checkpoint (whole strategy),
+    ``via='state_dict'`` saves only the model and ``NullSpacePlugin.state_dict()``."""
+    def build(model=None):
         torch.manual_seed(0)
         model = model or tiny_vim(patch_size=4)
-        strategy = MambaCL(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=2e-3), train_mb_size=32,
-                           eval_mb_size=512, evaluator=_evaluator(), progress=False)
-        if state is not None:
-            strategy.nullspace.load_state_dict(state)
-        return strategy
+        return MambaCL(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=2e-3), train_mb_size=32,
+                       eval_mb_size=512, evaluator=_evaluator(), progress=False)
     strategy = build()
     for i, exp in enumerate(bench.train_stream):
         torch.manual_seed(100 + i)  # same data order in both runs
         strategy.train(exp)
-        if i == stop:
-            buffer = io.BytesIO()
-            torch.save({"model": strategy.model, "nullspace": strategy.nullspace.state_dict()}, buffer)
-            del strategy
-            buffer.seek(0)
-            ckpt = torch.load(buffer, weights_only=False)
-            strategy = build(ckpt["model"], ckpt["nullspace"])
-            assert strategy.nullspace.experiences == stop + 1
+        if i != stop:
+            continue
+        if via == "avalanche":
+            save_checkpoint(strategy, path)
+            strategy, next_exp = maybe_load_checkpoint(build(), path)
+            assert next_exp == stop + 1
+        else:
+            torch.save({"model": strategy.model, "nullspace": strategy.nullspace.state_dict()}, path)
+            ckpt = torch.load(path, weights_only=False)
+            strategy = build(ckpt["model"])
+            strategy.nullspace.load_state_dict(ckpt["nullspace"])
+        assert strategy.nullspace.experiences == stop + 1 and strategy.nullspace in strategy.plugins
     return strategy, strategy.eval(bench.test_stream)
 
 
-def test_resume_after_experience_two_matches_uninterrupted():
+@pytest.fixture(scope="module")
+def resume_bench():
     bench = split_digits(n_train=400)
-    full, full_metrics = _resumable(bench, None)
-    resumed, resumed_metrics = _resumable(bench, 1)
+    full, metrics = _resumable(bench, None, None, None)
+    return bench, full, metrics
+
+
+@pytest.mark.parametrize("via", ["state_dict", "avalanche"])
+def test_resume_after_experience_two_matches_uninterrupted(resume_bench, via, tmp_path, monkeypatch):
+    # dill (Avalanche's pickler) looks classes up as module attributes, and torch >= 2.5 deletes the attribute
+    # torch.optim.optimizer after import: without it no torch optimizer can be checkpointed by Avalanche.
+    monkeypatch.setattr(torch.optim, "optimizer", sys.modules["torch.optim.optimizer"], raising=False)
+    bench, full, full_metrics = resume_bench
+    resumed, resumed_metrics = _resumable(bench, 1, via, tmp_path / "ckpt.pt")
     accuracies = [k for k in full_metrics if k.startswith("Top1_Acc")]
     assert len(accuracies) == 6
     for key in accuracies:

@@ -142,10 +142,15 @@ class NullSpacePlugin(SupervisedPlugin):
         """
         return (covariances, rows) if self.reduce_fn is None else self.reduce_fn(covariances, rows)
 
-    @torch.no_grad()
     def collect(self, strategy) -> None:
-        """Add the current experience's feature covariances (eval transform, eval mode, no grad) and rebuild
-        the projectors."""
+        """Add the current experience's feature covariances (:meth:`accumulate`) and rebuild the projectors."""
+        self.accumulate(strategy)
+        self.engine.update_projectors()
+
+    @torch.no_grad()
+    def accumulate(self, strategy) -> None:
+        """Run the model (eval mode, no grad) over the current experience's training data with its eval
+        transform and add the feature covariances, reduced by :meth:`reduce_statistics`, to the running sums."""
         model, plan = strategy.model, self.plan(strategy.model)
         fresh = NullSpaceEngine()
         handles = [module.register_forward_hook(hook) for module, hook in plan.aux]
@@ -167,7 +172,6 @@ class NullSpacePlugin(SupervisedPlugin):
                                                    {k: fresh.rows[k] for k in keys})
         for key, cov in covariances.items():
             self.engine.add_covariance(key, cov.cpu(), rows[key])
-        self.engine.update_projectors()
 
     def state_dict(self) -> dict:
         """Covariances, row counts, projectors and the number of finished experiences (picklable)."""
