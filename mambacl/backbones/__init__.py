@@ -29,10 +29,14 @@ from .mamba import (
     ssm_param_groups,
 )
 from .taps import Tap, record_taps
+from .gdssm import GDSSMLayer, GDSSMMixer
+from .bmojo import BMojoLayer, BMojoMixer
+from .seq_lm import SeqLM
 from .vim import VisionMamba, checkpoint_filter_fn, load_checkpoint
 
 __all__ = [
     "Tap", "record_taps", "SSMBranch", "SSMMixer", "MambaBranch", "MambaMixer", "LonghornBranch", "LonghornMixer",
     "MIXERS", "register_mixer", "no_weight_decay_names", "ssm_param_groups",
     "VisionMamba", "checkpoint_filter_fn", "load_checkpoint",
+    "GDSSMLayer", "GDSSMMixer", "BMojoLayer", "BMojoMixer", "SeqLM",
 ]
