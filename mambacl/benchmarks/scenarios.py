@@ -87,6 +87,9 @@ def image_transforms(img_size: int, mean: Sequence[float] = IMAGENET_DEFAULT_MEA
 def _class_incremental(train: Dataset, test: Dataset, targets: Sequence[int], n_experiences: int,
                        order: ClassOrder, transforms: Tuple[Optional[Callable], Optional[Callable]]):
     present = sorted(set(int(t) for t in targets))
+    untested = sorted(set(present) - {int(t) for t in test.targets})
+    if untested:
+        raise ValueError(f"classes {untested[:10]} have training but no test images; use another split")
     if not isinstance(n_experiences, int) or n_experiences < 1 or len(present) % n_experiences:
         raise ValueError(f"n_experiences must be a positive divisor of the number of classes ({len(present)}), "
                          f"got {n_experiences!r}")
@@ -101,13 +104,14 @@ def _class_incremental(train: Dataset, test: Dataset, targets: Sequence[int], n_
 @register_benchmark("split_digits", default_model="test_vim",
                     default_model_args={"img_size": 8, "patch_size": 2, "in_chans": 1})
 def split_digits(n_experiences: int = 5, class_order: ClassOrder = "natural", test_size: float = 0.25,
-                 split_seed: int = 0):
+                 split_seed: int = 0, max_per_class: Optional[int] = None):
     """Split digits: scikit-learn's bundled 8x8 digits (1,797 real images), 5 experiences x 2 classes.
 
     Args:
         n_experiences: 1, 2, 5 or 10.
         class_order: see :func:`class_order`.
         test_size: test fraction of the fixed stratified split. split_seed: seed of that split.
+        max_per_class: keep at most this many train and test images per class (quick smoke runs).
     Returns:
         an Avalanche benchmark of [1, 8, 8] tensors in [0, 1].
     """
@@ -118,6 +122,8 @@ def split_digits(n_experiences: int = 5, class_order: ClassOrder = "natural", te
                                            random_state=split_seed)
 
     def subset(idx: np.ndarray) -> TensorDataset:
+        if max_per_class is not None:
+            idx = np.concatenate([idx[digits.target[idx] == c][:max_per_class] for c in range(10)])
         ds = TensorDataset(x[idx], y[idx])
         ds.targets = y[idx].tolist()
         return ds

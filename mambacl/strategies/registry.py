@@ -78,7 +78,7 @@ class TrainSetup:
 
     def template_kwargs(self) -> Dict[str, Any]:
         """Keyword arguments of ``SupervisedTemplate`` besides model and optimizer."""
-        kwargs = dict(train_mb_size=self.train_mb_size, train_epochs=self.epochs, eval_mb_size=self.eval_mb_size,
+        kwargs = dict(criterion=nn.CrossEntropyLoss(), train_mb_size=self.train_mb_size, train_epochs=self.epochs, eval_mb_size=self.eval_mb_size,
                       device=self.device, plugins=list(self.plugins))
         if self.evaluator is not None:
             kwargs["evaluator"] = self.evaluator
@@ -172,8 +172,8 @@ def mambacl(setup: TrainSetup, *, eta: float = 0.95, selection: str = "knee", pr
     """Mamba-CL: null-space projection of the SSM parameters' updates (see MambaCL / NullSpacePlugin).
 
     Args:
-        eta: soft-projector mixing weight. selection: null-space rule ('knee', 'energy', 'adam_nscl').
-        projector: 'soft', 'kernel' or 'strict'. wb_features: 'aggregated' or 'token'.
+        eta: soft-projector mixing weight. selection: null-space rule ('knee', 'energy', 'adam_nscl', 'kernel').
+        projector: 'soft' or 'strict'. wb_features: 'aggregated' or 'token'.
         protect: parameters protected ('ssm' or 'layers'). head: 'experience' or 'incremental'.
     """
     model = setup.classifier(head)
@@ -187,7 +187,7 @@ def adam_nscl(setup: TrainSetup, *, a: float = 10.0, projector: str = "strict",
     """Adam-NSCL: every Linear/Conv update projected into its input covariance's null space (see AdamNSCL).
 
     Args:
-        a: null space = eigenvalues <= a * lambda_min. projector: 'strict', 'kernel' or 'soft'.
+        a: null space = eigenvalues <= a * lambda_min. projector: 'strict' or 'soft'.
         head: 'experience' or 'incremental'.
     """
     model = setup.classifier(head)

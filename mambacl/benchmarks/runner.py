@@ -1,0 +1,269 @@
+"""The run loop behind ``mambacl run`` / ``mambacl compare``: config -> benchmark, model, strategy -> results.
+
+``run_benchmark(config)`` is argparse-free. Its steps are separate functions so other front ends (a DDP
+launcher, notebooks) can reuse them: :func:`build_backbone`, :func:`make_evaluator`, :func:`run_benchmark`
+(train each experience, evaluate on the test experiences seen so far, record, checkpoint, write results).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import avalanche
+import numpy as np
+import timm
+import torch
+import yaml
+from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetting_metrics, loss_metrics
+from avalanche.logging import InteractiveLogger, TensorboardLogger
+from avalanche.training.determinism.rng_manager import RNGManager
+from avalanche.training.plugins import EvaluationPlugin
+from torch import nn
+
+import mambacl
+from mambacl.benchmarks.checkpoint import load_checkpoint, restore_strategy, save_checkpoint
+from mambacl.benchmarks.registry import create_benchmark, get_benchmark
+from mambacl.benchmarks.results import accuracy_matrix, summarize, write_results
+from mambacl.strategies.registry import TrainSetup, create_strategy, get_strategy, unknown_name_error
+
+__all__ = ["RunConfig", "build_backbone", "make_evaluator", "run_benchmark", "compare", "compare_table"]
+
+_STREAM = "eval_phase/test_stream"
+
+
+@dataclass
+class RunConfig:
+    """One run; its fields are the keys of a YAML/JSON config file (``mambacl run --config``).
+
+    Args:
+        benchmark, benchmark_args: registered benchmark name and its keyword arguments.
+        strategy, strategy_args: registered strategy name and its hyper-parameters.
+        model, model_args: timm model name (None: the benchmark's default) and extra ``create_model`` kwargs.
+        pretrained: local checkpoint file for the backbone (``pretrained_file``).
+        epochs, lr, weight_decay, batch_size, eval_batch_size: training settings shared by all strategies.
+        device: torch device. seed: seeds python/numpy/torch at the start.
+        out: run folder (results, checkpoint, logs). tensorboard: also write TensorBoard logs.
+        progress: Avalanche's interactive logger (tqdm bars) on stdout.
+    """
+
+    benchmark: str = "split_digits"
+    benchmark_args: Dict[str, Any] = field(default_factory=dict)
+    strategy: str = "mambacl"
+    strategy_args: Dict[str, Any] = field(default_factory=dict)
+    model: Optional[str] = None
+    model_args: Dict[str, Any] = field(default_factory=dict)
+    pretrained: Optional[str] = None
+    epochs: int = 4
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    device: str = "cpu"
+    seed: int = 0
+    out: str = "mambacl_runs/run"
+    tensorboard: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        for name in ("benchmark_args", "strategy_args", "model_args"):
+            if not isinstance(getattr(self, name), dict):
+                raise TypeError(f"{name} must be a mapping, got {type(getattr(self, name)).__name__}")
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "RunConfig":
+        """Build from a mapping; a key that is not a field (e.g. a misspelling) raises a ValueError."""
+        if not isinstance(data, dict):
+            raise TypeError(f"a run config must be a mapping, got {type(data).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in names:
+                raise unknown_name_error("config key", key, names)
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: Union[str, Path]) -> "RunConfig":
+        """Read a ``.yaml``/``.yml`` or ``.json`` config file (see :meth:`from_dict`)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        text = path.read_text()
+        return cls.from_dict((json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)) or {})
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def build_backbone(config: RunConfig, input_shape: Sequence[int]) -> nn.Module:
+    """Create the timm backbone (no classifier) for inputs of shape ``[C, H, W]``.
+
+    The benchmark's default model and model kwargs apply when ``config.model`` is None; ``img_size`` and
+    ``in_chans`` come from the data unless ``model_args`` sets them.
+    """
+    spec = get_benchmark(config.benchmark)
+    name = config.model or spec.default_model
+    kwargs = {"img_size": int(input_shape[-1]), "in_chans": int(input_shape[0])}
+    kwargs.update(spec.default_model_args if config.model is None else {})
+    kwargs.update(config.model_args)
+    if config.pretrained is not None:
+        if not Path(config.pretrained).is_file():
+            raise FileNotFoundError(f"pretrained file {config.pretrained} does not exist")
+        kwargs["pretrained_file"] = config.pretrained
+    if not timm.list_models(name):
+        raise ValueError(f"unknown model {name!r}; see `mambacl list` (any timm model name is accepted)")
+    return timm.create_model(name, num_classes=0, **kwargs)
+
+
+def _default_metrics() -> List[Any]:
+    return [*accuracy_metrics(experience=True, stream=True), *loss_metrics(epoch=True),
+            *forgetting_metrics(experience=True, stream=True), *bwt_metrics(experience=True, stream=True)]
+
+
+def make_evaluator(config: RunConfig, metrics: Optional[List[Any]] = None) -> EvaluationPlugin:
+    """EvaluationPlugin with accuracy (experience + stream), epoch loss, forgetting and BWT, and the loggers.
+
+    Args:
+        metrics: metric objects to reuse (restored from a checkpoint); fresh ones when None.
+    """
+    loggers = [InteractiveLogger()] if config.progress else []
+    if config.tensorboard:
+        loggers.append(TensorboardLogger(Path(config.out) / "tensorboard"))
+    return EvaluationPlugin(*(metrics if metrics is not None else _default_metrics()), loggers=loggers)
+
+
+def _versions() -> Dict[str, str]:
+    return {"mambacl": mambacl.__version__, "torch": torch.__version__, "avalanche": avalanche.__version__,
+            "timm": timm.__version__, "python": platform.python_version()}
+
+
+def _step_record(step: int, classes: List[int], metrics: Dict[str, Any], n_seen: int, train_s: float,
+                 eval_s: float) -> Dict[str, Any]:
+    per_exp = [float(metrics[f"Top1_Acc_Exp/{_STREAM}/Task000/Exp{j:03d}"]) for j in range(n_seen)]
+    return {"experience": step, "classes": classes,
+            "acc_stream": float(metrics[f"Top1_Acc_Stream/{_STREAM}/Task000"]),
+            "acc_task_mean": float(np.mean(per_exp)), "acc_per_exp": per_exp,
+            "forgetting": float(metrics.get(f"StreamForgetting/{_STREAM}", 0.0)),
+            "bwt": float(metrics.get(f"StreamBWT/{_STREAM}", 0.0)),
+            "train_s": round(train_s, 3), "eval_s": round(eval_s, 3)}
+
+
+def run_benchmark(config: RunConfig, resume: bool = False, stop_after: Optional[int] = None) -> Dict[str, Any]:
+    """Train ``config.strategy`` over ``config.benchmark`` and return (and write to ``config.out``) the results.
+
+    After each training step the model is evaluated on the test experiences seen so far; the step's metrics
+    are recorded, a checkpoint is saved atomically and the result files are rewritten.
+
+    Args:
+        config: the run.
+        resume: continue from ``<out>/checkpoint.pt`` after its last finished experience.
+        stop_after: stop once this many experiences are finished (an interrupted run; resume continues it).
+    Returns:
+        the contents of ``results.json``: config, versions, class order, per-experience records,
+        accuracy matrix, final metrics (see :func:`mambacl.benchmarks.results.summarize`) and timings.
+    """
+    out = Path(config.out)
+    state = load_checkpoint(out) if resume else None
+    RNGManager.set_random_seeds(config.seed)
+    bench = create_benchmark(config.benchmark, **config.benchmark_args)
+    spec = get_strategy(config.strategy)
+    backbone = build_backbone(config, bench.train_stream[0].dataset[0][0].shape)
+    evaluator = make_evaluator(config, state["metrics"] if state else None)
+    setup = TrainSetup(backbone=backbone, lr=config.lr, weight_decay=config.weight_decay, epochs=config.epochs,
+                       train_mb_size=config.batch_size, eval_mb_size=config.eval_batch_size,
+                       device=torch.device(config.device), evaluator=evaluator)
+    strategy = create_strategy(config.strategy, setup, **config.strategy_args)
+    # a joint strategy trains once on the whole stream and is evaluated on all of it
+    steps = [bench.train_stream] if spec.joint else list(bench.train_stream)
+    n_test = len(bench.test_stream)
+    record = state["record"] if state else {"done": 0, "rows": []}
+    if state:
+        restore_strategy(strategy, [] if spec.joint else steps[:record["done"]], state)
+    out.mkdir(parents=True, exist_ok=True)
+    results: Dict[str, Any] = {}
+    last = len(steps) if stop_after is None else min(len(steps), stop_after)
+    for i in range(record["done"], last):
+        start = time.perf_counter()
+        strategy.train(steps[i])
+        train_s = time.perf_counter() - start
+        seen = n_test if spec.joint else i + 1
+        metrics = strategy.eval(bench.test_stream[:seen])
+        classes = sorted({int(c) for e in bench.train_stream[:seen] for c in e.classes_in_this_experience})
+        row = _step_record(i, classes, metrics, seen, train_s, time.perf_counter() - start - train_s)
+        record = {"done": i + 1, "rows": [*record["rows"], row]}
+        print(f"[{config.strategy}] step {i + 1}/{len(steps)}: seen-class acc {row['acc_stream']:.4f} | "
+              f"task-mean acc {row['acc_task_mean']:.4f} | forgetting {row['forgetting']:.4f} | "
+              f"train {train_s:.1f}s eval {row['eval_s']:.1f}s", flush=True)
+        save_checkpoint(out, strategy, record, evaluator.metrics)
+        results = _results(config, bench, record, n_test)
+        write_results(results, out)
+    return results or _results(config, bench, record, n_test)
+
+
+def _results(config: RunConfig, bench: Any, record: Dict[str, Any], n_test: int) -> Dict[str, Any]:
+    rows = record["rows"]
+    return {"config": config.to_dict(), "versions": _versions(), "seed": config.seed,
+            "class_order": [int(c) for c in getattr(bench, "class_order", [])],
+            "n_experiences": n_test, "finished": record["done"], "experiences": rows,
+            "accuracy_matrix": accuracy_matrix(rows, n_test), "final": summarize(rows),
+            "timings": {"train_s": round(sum(r["train_s"] for r in rows), 3),
+                        "eval_s": round(sum(r["eval_s"] for r in rows), 3)}}
+
+
+_TABLE_METRICS = ("acc_sample_weighted", "acc_task_mean", "avg_incremental_acc", "forgetting", "bwt")
+
+
+def compare(config: RunConfig, strategies: Sequence[str], seeds: Sequence[int],
+            strategy_args: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Any]:
+    """Run each strategy with each seed on ``config.benchmark`` (runs in ``<out>/<strategy>/seed<s>``).
+
+    Args:
+        config: shared settings (its ``strategy``, ``strategy_args`` and ``seed`` are replaced per run).
+        strategies: registered strategy names. seeds: seeds, the same for every strategy.
+        strategy_args: optional per-strategy hyper-parameters, ``{name: {hparam: value}}``.
+
+    Returns:
+        ``{"benchmark", "seeds", "runs": {strategy: [final metrics per seed]}, "summary": {strategy:
+        {metric: (mean, std)}}}``; also written as ``<out>/compare.json`` and ``<out>/compare.md``.
+    """
+    if not strategies or not seeds:
+        raise ValueError("compare needs at least one strategy and one seed")
+    for name in strategies:
+        get_strategy(name)
+    runs: Dict[str, List[Dict[str, Any]]] = {}
+    for name in strategies:
+        for seed in seeds:
+            run = dataclasses.replace(config, strategy=name, seed=int(seed),
+                                      strategy_args=(strategy_args or {}).get(name, {}),
+                                      out=str(Path(config.out) / name / f"seed{seed}"))
+            result = run_benchmark(run)
+            runs.setdefault(name, []).append({**result["final"], "time_s": result["timings"]["train_s"]})
+    summary = {name: {m: (float(np.mean([r[m] for r in rs])), float(np.std([r[m] for r in rs])))
+                      for m in (*_TABLE_METRICS, "time_s")} for name, rs in runs.items()}
+    comparison = {"benchmark": config.benchmark, "seeds": [int(s) for s in seeds], "runs": runs, "summary": summary}
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(comparison, indent=2))
+    (out / "compare.md").write_text(compare_table(comparison) + "\n")
+    return comparison
+
+
+def compare_table(comparison: Dict[str, Any]) -> str:
+    """Markdown table of :func:`compare`'s summary (mean ± std over seeds)."""
+    header = ["strategy", *_TABLE_METRICS, "train time (s)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, stats in comparison["summary"].items():
+        cells = [f"{m:.4f} ± {s:.4f}" if not math.isnan(m) else "n/a"
+                 for m, s in (stats[k] for k in _TABLE_METRICS)]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {stats['time_s'][0]:.1f} |")
+    return "\n".join(lines)
