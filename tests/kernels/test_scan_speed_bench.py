@@ -1,0 +1,26 @@
+"""Pieces of benchmarks/scan_speed.py: the mambapy pscan baseline computes the same scan; the CPU peak meter."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from scan_oracle import SHAPES, check_against_oracle, make_inputs, mamba_oracle
+
+sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+import scan_speed  # noqa: E402
+
+
+def test_pscan_baseline_matches_oracle():
+    pytest.importorskip("mambapy.pscan")
+    case = SHAPES["odd-dim-N1-var"].with_(seqlen=11, D=True, z=True, delta_bias=True, softplus=True)
+    x = make_inputs(case, torch.float32, "mamba")
+    check_against_oracle(lambda **kw: scan_speed.pscan_selective_scan(**kw, delta_softplus=True), mamba_oracle, x,
+                         {"delta_softplus": True}, False, torch.float32)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux /proc needed for an exact reading")
+def test_cpu_peak_bytes_sees_a_transient_allocation_after_a_larger_one():
+    big = torch.ones(64 * 2 ** 20 // 4)  # an earlier, larger peak must not hide the measured one
+    del big
+    peak = scan_speed.cpu_peak_bytes(lambda: torch.ones(32 * 2 ** 20 // 4).sum())
+    assert 30 * 2 ** 20 < peak < 48 * 2 ** 20
