@@ -9,7 +9,7 @@ No Avalanche import here.
 from __future__ import annotations
 
 import math
-from typing import Dict, Literal, Optional
+from typing import Dict, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -197,7 +197,7 @@ class NullSpaceEngine:
         k = null_space_size(eigvals, self.selection, a=self.a, threshold=self.threshold, tol=self.tol)
         return eigvecs[:, eigvecs.shape[1] - k:]
 
-    def update_projectors(self, keys: Optional[list] = None) -> Dict[str, torch.Tensor]:
+    def update_projectors(self, keys: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
         """Re-decompose the covariances (all, or ``keys``) and rebuild their float64 projectors.
 
         Returns:

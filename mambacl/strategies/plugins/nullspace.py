@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from avalanche.core import SupervisedPlugin
@@ -12,6 +12,9 @@ from tqdm.auto import tqdm
 
 from mambacl.strategies.features import PAPER_TRAINABLE, ProtectionPlan, layer_plan, match_kinds, ssm_plan
 from mambacl.strategies.nullspace import NullSpaceEngine, ProjectorKind, Selection
+
+if TYPE_CHECKING:
+    from avalanche.training.templates import SupervisedTemplate
 
 PROTECT = ("ssm", "layers")
 Statistics = Tuple[Dict[str, torch.Tensor], Dict[str, int]]
@@ -121,7 +124,7 @@ class NullSpacePlugin(SupervisedPlugin):
             if width == proj.shape[0]:  # heads that changed shape are skipped
                 self._active[name] = (p, proj.to(device=p.device, dtype=p.dtype), side)
 
-    def collect_loader(self, strategy) -> DataLoader:
+    def collect_loader(self, strategy: SupervisedTemplate) -> DataLoader:
         """Loader over the current experience's training data with its eval transform, in a fixed order.
 
         Override to shard it across data-parallel ranks (then reduce the statistics with ``reduce_fn``).
@@ -142,13 +145,13 @@ class NullSpacePlugin(SupervisedPlugin):
         """
         return (covariances, rows) if self.reduce_fn is None else self.reduce_fn(covariances, rows)
 
-    def collect(self, strategy) -> None:
+    def collect(self, strategy: SupervisedTemplate) -> None:
         """Add the current experience's feature covariances (:meth:`accumulate`) and rebuild the projectors."""
         self.accumulate(strategy)
         self.engine.update_projectors()
 
     @torch.no_grad()
-    def accumulate(self, strategy) -> None:
+    def accumulate(self, strategy: SupervisedTemplate) -> None:
         """Run the model (eval mode, no grad) over the current experience's training data with its eval
         transform and add the feature covariances, reduced by :meth:`reduce_statistics`, to the running sums."""
         model, plan = strategy.model, self.plan(strategy.model)
@@ -183,15 +186,18 @@ class NullSpacePlugin(SupervisedPlugin):
         self.experiences = int(state["experiences"])
 
     # -- Avalanche callbacks -----------------------------------------------------------------------------
-    def before_training_exp(self, strategy, **kwargs) -> None:
+    def before_training_exp(self, strategy: SupervisedTemplate, **kwargs) -> None:
+        """Configure trainable/projected parameters for the adapted model and reset the optimizer state."""
         self.configure(strategy.model)
         strategy.optimizer.state.clear()  # fresh moments: old ones are not in the new null space
 
-    def before_update(self, strategy, **kwargs) -> None:
+    def before_update(self, strategy: SupervisedTemplate, **kwargs) -> None:
+        """Snapshot the projected parameters before the optimizer step."""
         self._snapshots = {name: p.detach().clone() for name, (p, _, _) in self._active.items()}
 
     @torch.no_grad()
-    def after_update(self, strategy, **kwargs) -> None:
+    def after_update(self, strategy: SupervisedTemplate, **kwargs) -> None:
+        """Replace each projected parameter's step by ``step @ P`` (``P @ step`` for A_log)."""
         for name, (p, proj, side) in self._active.items():
             old = self._snapshots[name]
             step = (p - old).reshape(p.shape[0], -1)
@@ -199,7 +205,8 @@ class NullSpacePlugin(SupervisedPlugin):
             p.copy_(old + step.reshape(p.shape))
         self._snapshots = {}
 
-    def after_training_exp(self, strategy, **kwargs) -> None:
+    def after_training_exp(self, strategy: SupervisedTemplate, **kwargs) -> None:
+        """Collect this experience's features and rebuild the projectors for the next one."""
         self.collect(strategy)
         self.experiences += 1
         self._active = {}
