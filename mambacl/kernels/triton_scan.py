@@ -23,7 +23,7 @@ reduced with ``torch.sum``. Internals are fp32 whatever the input dtype; decays 
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -457,3 +457,56 @@ def scan_bwd(mode: str, dout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor
     return (du, ddelta, None if P is None else dA.sum(0).to(P.dtype), dB.to(B.dtype), dC.to(C.dtype),
             None if D is None else dD.sum(0).to(D.dtype), dz,
             None if delta_bias is None else dbias.sum(0).to(delta_bias.dtype))
+
+
+# ---- torch.library registration: opaque ops so torch.compile neither traces the launches nor the interpreter ----
+
+@torch.library.custom_op("mambacl::triton_scan_fwd", mutates_args=())
+def _triton_scan_fwd_op(mode: str, u: torch.Tensor, delta: torch.Tensor, P: Optional[torch.Tensor], B: torch.Tensor,
+                        C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
+                        delta_bias: Optional[torch.Tensor], softplus: bool, chunk_size: Optional[int],
+                        block_d: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    return scan_fwd(mode, u, delta, P, B, C, D, z, delta_bias, softplus, chunk_size=chunk_size, block_d=block_d)
+
+
+@_triton_scan_fwd_op.register_fake
+def _(mode, u, delta, P, B, C, D, z, delta_bias, softplus, chunk_size, block_d):
+    batch, dim, seqlen = u.shape
+    d_state = B.shape[1] if B.dim() == 2 else B.shape[-2]
+    _, _, T = scan_config(d_state, seqlen, chunk_size, block_d)
+    return u.new_empty(u.shape), u.new_empty((batch, dim, triton.cdiv(seqlen, T), d_state), dtype=torch.float32)
+
+
+@torch.library.custom_op("mambacl::triton_scan_bwd", mutates_args=())
+def _triton_scan_bwd_op(mode: str, dout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor,
+                        P: Optional[torch.Tensor], B: torch.Tensor, C: torch.Tensor, D: Optional[torch.Tensor],
+                        z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], states: torch.Tensor,
+                        softplus: bool, chunk_size: Optional[int], block_d: Optional[int]) -> List[torch.Tensor]:
+    grads = scan_bwd(mode, dout, u, delta, P, B, C, D, z, delta_bias, states, softplus,
+                     chunk_size=chunk_size, block_d=block_d)
+    return [u.new_empty(0) if g is None else g for g in grads]
+
+
+@_triton_scan_bwd_op.register_fake
+def _(mode, dout, u, delta, P, B, C, D, z, delta_bias, states, softplus, chunk_size, block_d):
+    return [u.new_empty(0) if x is None else x.new_empty(x.shape) for x in (u, delta, P, B, C, D, z, delta_bias)]
+
+
+def triton_scan_fwd(mode: str, u: torch.Tensor, delta: torch.Tensor, P: Optional[torch.Tensor], B: torch.Tensor,
+                    C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
+                    delta_bias: Optional[torch.Tensor], softplus: bool, chunk_size: Optional[int],
+                    block_d: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`scan_fwd` through the registered op ``torch.ops.mambacl.triton_scan_fwd`` (block sizes checked)."""
+    _pow2_param("chunk_size", chunk_size)
+    _pow2_param("block_d", block_d)
+    return _triton_scan_fwd_op(mode, u, delta, P, B, C, D, z, delta_bias, softplus, chunk_size, block_d)
+
+
+def triton_scan_bwd(mode: str, dout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, P: Optional[torch.Tensor],
+                    B: torch.Tensor, C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
+                    delta_bias: Optional[torch.Tensor], states: torch.Tensor, softplus: bool,
+                    chunk_size: Optional[int], block_d: Optional[int]) -> Sequence[Optional[torch.Tensor]]:
+    """:func:`scan_bwd` through the registered op ``torch.ops.mambacl.triton_scan_bwd`` (None for absent inputs)."""
+    grads = _triton_scan_bwd_op(mode, dout, u, delta, P, B, C, D, z, delta_bias, states, softplus, chunk_size,
+                                block_d)
+    return [None if x is None else g for x, g in zip((u, delta, P, B, C, D, z, delta_bias), grads)]

@@ -5,7 +5,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..triton_scan import scan_bwd, scan_fwd
+from ..triton_scan import triton_scan_bwd, triton_scan_fwd
 from ..utils import input_guard
 
 
@@ -15,7 +15,7 @@ def _longhorn_scan_fwd(u: torch.Tensor, delta: torch.Tensor, k: torch.Tensor, q:
                        chunk_size: Optional[int] = None, block_d: Optional[int] = None
                        ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns out ``[b, D, L]`` (u's dtype) and the chunk-end states ``[b, D, n_chunks, N]`` fp32."""
-    return scan_fwd("longhorn", u, delta, None, k, q, D, z, delta_bias, False, chunk_size=chunk_size, block_d=block_d)
+    return triton_scan_fwd("longhorn", u, delta, None, k, q, D, z, delta_bias, False, chunk_size, block_d)
 
 
 @input_guard
@@ -24,8 +24,8 @@ def _longhorn_scan_bwd(dout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor,
                        states: torch.Tensor, *, chunk_size: Optional[int] = None, block_d: Optional[int] = None
                        ) -> Sequence[Optional[torch.Tensor]]:
     """Returns the gradients of ``(u, delta, k, q, D, z, delta_bias)`` in their dtypes (None when absent)."""
-    du, ddelta, _, dk, dq, dD, dz, dbias = scan_bwd("longhorn", dout, u, delta, None, k, q, D, z, delta_bias, states,
-                                                    False, chunk_size=chunk_size, block_d=block_d)
+    du, ddelta, _, dk, dq, dD, dz, dbias = triton_scan_bwd("longhorn", dout, u, delta, None, k, q, D, z, delta_bias,
+                                                           states, False, chunk_size, block_d)
     return du, ddelta, dk, dq, dD, dz, dbias
 
 

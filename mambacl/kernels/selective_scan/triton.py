@@ -5,7 +5,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..triton_scan import scan_bwd, scan_fwd
+from ..triton_scan import triton_scan_bwd, triton_scan_fwd
 from ..utils import input_guard
 
 
@@ -15,8 +15,7 @@ def _selective_scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B
                         delta_softplus: bool, *, chunk_size: Optional[int] = None, block_d: Optional[int] = None
                         ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns out ``[b, D, L]`` (u's dtype) and the chunk-end states ``[b, D, n_chunks, N]`` fp32."""
-    return scan_fwd("mamba", u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                    chunk_size=chunk_size, block_d=block_d)
+    return triton_scan_fwd("mamba", u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size, block_d)
 
 
 @input_guard
@@ -26,8 +25,8 @@ def _selective_scan_bwd(dout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor
                         chunk_size: Optional[int] = None, block_d: Optional[int] = None
                         ) -> Sequence[Optional[torch.Tensor]]:
     """Returns the gradients of ``(u, delta, A, B, C, D, z, delta_bias)`` in their dtypes (None when absent)."""
-    return scan_bwd("mamba", dout, u, delta, A, B, C, D, z, delta_bias, states, delta_softplus,
-                    chunk_size=chunk_size, block_d=block_d)
+    return triton_scan_bwd("mamba", dout, u, delta, A, B, C, D, z, delta_bias, states, delta_softplus,
+                           chunk_size, block_d)
 
 
 class SelectiveScanTritonFunction(torch.autograd.Function):
