@@ -20,6 +20,7 @@ B/C in any of the three forms share one addressing scheme ``b*sb + (d // gsize)*
 Gradients of variable/grouped B/C are added with atomics into an fp32 buffer (summed over the block's channels
 first when they all share one B/C row); constant B/C, A, D and delta_bias gradients are per-batch partial sums
 reduced with ``torch.sum``. Internals are fp32 whatever the input dtype; decays use exp2 with clamped exponents.
+Forward and backward are registered as ``torch.ops.mambacl.triton_scan_fwd`` / ``_bwd`` (opaque to torch.compile).
 """
 from __future__ import annotations
 
