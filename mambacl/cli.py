@@ -24,7 +24,7 @@ __all__ = ["main", "build_parser"]
 DEFAULT_STRATEGIES = ("mambacl", "naive")
 # option dest -> RunConfig field, for the options shared by run and compare
 _SHARED = ("benchmark", "model", "pretrained", "epochs", "lr", "weight_decay", "batch_size", "eval_batch_size",
-           "device", "out", "tensorboard")
+           "device", "out", "tensorboard", "autocast")
 
 
 def _key_values(items: Optional[List[str]], option: str) -> Dict[str, Any]:
@@ -52,6 +52,7 @@ def _add_shared(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batch-size", type=int)
     p.add_argument("--device", help="torch device, e.g. cpu or cuda")
     p.add_argument("--out", metavar="DIR", help="output folder")
+    p.add_argument("--autocast", choices=["bf16", "fp16"], help="mixed-precision forward on GPUs")
     p.add_argument("--tensorboard", action="store_true", default=None, help="also write TensorBoard logs")
     p.add_argument("--quiet", action="store_true", help="no progress bars, only the per-experience summary lines")
 

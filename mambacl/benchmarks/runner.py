@@ -30,6 +30,9 @@ import mambacl
 from mambacl.benchmarks.checkpoint import load_checkpoint, restore_strategy, save_checkpoint
 from mambacl.benchmarks.registry import create_benchmark, get_benchmark
 from mambacl.benchmarks.results import accuracy_matrix, summarize, write_results
+from mambacl.strategies.distributed import (DistributedPlugin, barrier, check_batch_divisible, check_replicas_in_sync,
+                                            check_same_config, init_distributed, is_main_process, local_device,
+                                            world_size)
 from mambacl.strategies.registry import TrainSetup, create_strategy, get_strategy, unknown_name_error
 
 __all__ = ["RunConfig", "build_backbone", "make_evaluator", "run_benchmark", "compare", "compare_table"]
@@ -50,6 +53,10 @@ class RunConfig:
         device: torch device. seed: seeds python/numpy/torch at the start.
         out: run folder (results, checkpoint, logs). tensorboard: also write TensorBoard logs.
         progress: Avalanche's interactive logger (tqdm bars) on stdout.
+        autocast: None, 'bf16' or 'fp16' mixed-precision forward (for GPUs; see DistributedPlugin).
+
+    Under ``torchrun`` the run is data-parallel (see ``mambacl.strategies.distributed``): ``batch_size`` and
+    ``eval_batch_size`` are global, every rank must get the same config, and rank 0 alone logs and writes files.
     """
 
     benchmark: str = "split_digits"
@@ -69,6 +76,7 @@ class RunConfig:
     out: str = "mambacl_runs/run"
     tensorboard: bool = False
     progress: bool = True
+    autocast: Optional[str] = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -136,8 +144,8 @@ def make_evaluator(config: RunConfig, metrics: Optional[List[Any]] = None) -> Ev
     Args:
         metrics: metric objects to reuse (restored from a checkpoint); fresh ones when None.
     """
-    loggers = [InteractiveLogger()] if config.progress else []
-    if config.tensorboard:
+    loggers = [InteractiveLogger()] if config.progress and is_main_process() else []
+    if config.tensorboard and is_main_process():
         loggers.append(TensorboardLogger(Path(config.out) / "tensorboard"))
     return EvaluationPlugin(*(metrics if metrics is not None else _default_metrics()), loggers=loggers)
 
@@ -172,6 +180,9 @@ def run_benchmark(config: RunConfig, resume: bool = False, stop_after: Optional[
         the contents of ``results.json``: config, versions, class order, per-experience records,
         accuracy matrix, final metrics (see :func:`mambacl.benchmarks.results.summarize`) and timings.
     """
+    init_distributed()  # torchrun: join the process group; a plain process runs alone
+    check_same_config(config.to_dict())
+    check_batch_divisible(config.batch_size, name="batch_size")
     out = Path(config.out)
     state = load_checkpoint(out) if resume else None
     RNGManager.set_random_seeds(config.seed)
@@ -181,7 +192,8 @@ def run_benchmark(config: RunConfig, resume: bool = False, stop_after: Optional[
     evaluator = make_evaluator(config, state["metrics"] if state else None)
     setup = TrainSetup(backbone=backbone, lr=config.lr, weight_decay=config.weight_decay, epochs=config.epochs,
                        train_mb_size=config.batch_size, eval_mb_size=config.eval_batch_size,
-                       device=torch.device(config.device), evaluator=evaluator)
+                       device=local_device() if config.device == "cuda" else torch.device(config.device),
+                       evaluator=evaluator, plugins=[DistributedPlugin(seed=config.seed, autocast=config.autocast)])
     strategy = create_strategy(config.strategy, setup, **config.strategy_args)
     # a joint strategy trains once on the whole stream and is evaluated on all of it
     steps = [bench.train_stream] if spec.joint else list(bench.train_stream)
@@ -201,18 +213,21 @@ def run_benchmark(config: RunConfig, resume: bool = False, stop_after: Optional[
         classes = sorted({int(c) for e in bench.train_stream[:seen] for c in e.classes_in_this_experience})
         row = _step_record(i, classes, metrics, seen, train_s, time.perf_counter() - start - train_s)
         record = {"done": i + 1, "rows": [*record["rows"], row]}
-        print(f"[{config.strategy}] step {i + 1}/{len(steps)}: seen-class acc {row['acc_stream']:.4f} | "
-              f"task-mean acc {row['acc_task_mean']:.4f} | forgetting {row['forgetting']:.4f} | "
-              f"train {train_s:.1f}s eval {row['eval_s']:.1f}s", flush=True)
-        save_checkpoint(out, strategy, record, evaluator.metrics)
         results = _results(config, bench, record, n_test)
-        write_results(results, out)
+        if is_main_process():
+            print(f"[{config.strategy}] step {i + 1}/{len(steps)}: seen-class acc {row['acc_stream']:.4f} | "
+                  f"task-mean acc {row['acc_task_mean']:.4f} | forgetting {row['forgetting']:.4f} | "
+                  f"train {train_s:.1f}s eval {row['eval_s']:.1f}s", flush=True)
+            save_checkpoint(out, strategy, record, evaluator.metrics)
+            write_results(results, out)
+        barrier()
+    check_replicas_in_sync(strategy.model)
     return results or _results(config, bench, record, n_test)
 
 
 def _results(config: RunConfig, bench: Any, record: Dict[str, Any], n_test: int) -> Dict[str, Any]:
     rows = record["rows"]
-    return {"config": config.to_dict(), "versions": _versions(), "seed": config.seed,
+    return {"config": config.to_dict(), "versions": _versions(), "seed": config.seed, "world_size": world_size(),
             "class_order": [int(c) for c in getattr(bench, "class_order", [])],
             "n_experiences": n_test, "finished": record["done"], "experiences": rows,
             "accuracy_matrix": accuracy_matrix(rows, n_test), "final": summarize(rows),
