@@ -39,10 +39,10 @@ BACKENDS = ("nccl", "gloo")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 __all__ = ["DistributedPlugin", "EvalShardSampler", "RoundRobinBatchSampler", "all_reduce_statistics_",
-           "all_reduce_sum_", "barrier", "broadcast_object", "check_batch_divisible", "check_replicas_in_sync", "check_same_config",
-           "distributed_loader", "eval_shard_sizes", "gather_eval", "gather_objects", "init_distributed",
-           "is_distributed", "is_main_process", "local_device", "rank", "reduce_statistics", "round_robin_loader",
-           "shard_nullspace_collection", "unwrap_model", "world_size", "wrap_ddp"]
+           "all_reduce_sum_", "barrier", "broadcast_object", "check_batch_divisible", "check_replicas_in_sync",
+           "check_same_config", "distributed_loader", "eval_shard_sizes", "gather_eval", "gather_objects",
+           "init_distributed", "is_distributed", "is_main_process", "local_device", "rank", "reduce_statistics",
+           "round_robin_loader", "shard_nullspace_collection", "unwrap_model", "world_size", "wrap_ddp"]
 
 
 # -- process group ---------------------------------------------------------------------------------------------
