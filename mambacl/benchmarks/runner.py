@@ -184,10 +184,10 @@ def run_benchmark(config: RunConfig, resume: bool = False, stop_after: Optional[
     check_same_config(config.to_dict())
     check_batch_divisible(config.batch_size, name="batch_size")
     out = Path(config.out)
+    spec = get_strategy(config.strategy)
     state = load_checkpoint(out) if resume else None
     RNGManager.set_random_seeds(config.seed)
     bench = create_benchmark(config.benchmark, **config.benchmark_args)
-    spec = get_strategy(config.strategy)
     backbone = build_backbone(config, bench.train_stream[0].dataset[0][0].shape)
     evaluator = make_evaluator(config, state["metrics"] if state else None)
     setup = TrainSetup(backbone=backbone, lr=config.lr, weight_decay=config.weight_decay, epochs=config.epochs,

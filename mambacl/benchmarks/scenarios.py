@@ -65,9 +65,11 @@ def class_order(order: ClassOrder, classes: Sequence[int]) -> List[int]:
 
 
 def image_transforms(img_size: int, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-                     std: Sequence[float] = IMAGENET_DEFAULT_STD) -> Tuple[Callable, Callable]:
-    """Train/eval transforms for PIL images: 32 px uses RandomCrop(pad 4) + flip, larger sizes
-    RandomResizedCrop + flip for training and Resize(size / 0.875) + CenterCrop for evaluation.
+                     std: Sequence[float] = IMAGENET_DEFAULT_STD,
+                     native_size: Optional[int] = None) -> Tuple[Callable, Callable]:
+    """Train/eval transforms for PIL images: at the data's ``native_size`` RandomCrop(pad size/8) + flip and
+    no resizing; otherwise RandomResizedCrop + flip for training and Resize(size / 0.875) + CenterCrop for
+    evaluation.
 
     Returns:
         (train_transform, eval_transform), both ending in ToTensor + Normalize(mean, std).
@@ -75,8 +77,9 @@ def image_transforms(img_size: int, mean: Sequence[float] = IMAGENET_DEFAULT_MEA
     if img_size < 8:
         raise ValueError(f"img_size must be >= 8, got {img_size}")
     tail = [T.ToTensor(), T.Normalize(mean, std)]
-    if img_size == 32:
-        return T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *tail]), T.Compose(tail)
+    if img_size == native_size:
+        return (T.Compose([T.RandomCrop(img_size, padding=img_size // 8), T.RandomHorizontalFlip(), *tail]),
+                T.Compose(tail))
     train = T.Compose([T.RandomResizedCrop(img_size, interpolation=T.InterpolationMode.BICUBIC),
                        T.RandomHorizontalFlip(), *tail])
     test = T.Compose([T.Resize(int(round(img_size / 0.875)), interpolation=T.InterpolationMode.BICUBIC),
@@ -159,7 +162,7 @@ def split_cifar100(root: PathLike = "~/.cache/mambacl/cifar100", n_experiences: 
                                 f"a network) or extract {CIFAR100.url} into {root}")
     stats = (CIFAR100_MEAN, CIFAR100_STD) if img_size == 32 else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     return _class_incremental(train, test, train.targets, n_experiences, class_order,
-                              image_transforms(img_size, *stats))
+                              image_transforms(img_size, *stats, native_size=32))
 
 
 def read_coda_split(path: PathLike) -> List[Tuple[str, int]]:
