@@ -173,6 +173,9 @@ SHAPES = {
     "N64-group3-chunk4": Case(1, 6, 19, 64, "group3", "group3", chunk_size=4),
     "L130-var-group3": Case(1, 3, 130, 4, "var", "group3"),
 }
+# The CPU backends: the public function with each backend name, and the chunk function with the case's chunk size.
+BACKENDS = ("reference", "chunk", "chunk-direct", "auto")
+BF16_SHAPES = ["odd-dim-N1-var", "group2-var-chunk8", "N64-group3-chunk4"]
 OPTIONS = {
     "plain": {},
     "all": dict(D=True, z=True, delta_bias=True, softplus=True, last_state=True),

@@ -1,12 +1,11 @@
 """Longhorn scan: every CPU backend (outputs, last state, gradients incl. dk through eps) against the oracle."""
 import pytest
 import torch
-from scan_oracle import OPTIONS, SHAPES, Case, check_against_oracle, longhorn_oracle, make_inputs
+from scan_oracle import BACKENDS, BF16_SHAPES, OPTIONS, SHAPES, Case, check_against_oracle, longhorn_oracle, make_inputs
 
 from mambacl.kernels import longhorn_scan
 from mambacl.kernels.longhorn_scan import longhorn_scan_chunk
 
-BACKENDS = ("reference", "chunk", "chunk-direct", "auto")
 # Longhorn has no softplus: its gate is always sigmoid.
 LONGHORN_OPTIONS = {name: {k: v for k, v in opts.items() if k != "softplus"} for name, opts in OPTIONS.items()}
 
@@ -32,7 +31,7 @@ def test_longhorn_scan_fp32(shape: Case, options: dict, backend: str):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", ["odd-dim-N1-var", "group2-var-chunk8", "N64-group3-chunk4"])
+@pytest.mark.parametrize("shape", BF16_SHAPES)
 def test_longhorn_scan_bf16(shape: str, backend: str):
     _check(SHAPES[shape].with_(**LONGHORN_OPTIONS["all"]), backend, torch.bfloat16)
 

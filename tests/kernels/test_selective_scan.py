@@ -1,12 +1,10 @@
 """Selective scan: every CPU backend (outputs, last state, gradients of every input) against the float64 oracle."""
 import pytest
 import torch
-from scan_oracle import OPTIONS, SHAPES, Case, check_against_oracle, make_inputs, mamba_oracle
+from scan_oracle import BACKENDS, BF16_SHAPES, OPTIONS, SHAPES, Case, check_against_oracle, make_inputs, mamba_oracle
 
 from mambacl.kernels import selective_scan
 from mambacl.kernels.selective_scan import selective_scan_chunk
-
-BACKENDS = ("reference", "chunk", "chunk-direct", "auto")
 
 
 def _runner(backend: str, case: Case):
@@ -33,7 +31,7 @@ def test_selective_scan_fp32(shape: Case, options: dict, backend: str):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", ["odd-dim-N1-var", "group2-var-chunk8", "N64-group3-chunk4"])
+@pytest.mark.parametrize("shape", BF16_SHAPES)
 def test_selective_scan_bf16(shape: str, backend: str):
     _check(SHAPES[shape].with_(**OPTIONS["all"]), backend, torch.bfloat16)
 
