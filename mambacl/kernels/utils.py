@@ -61,7 +61,8 @@ def check_bc(name: str, t: torch.Tensor, batch: int, dim: int, d_state: int, seq
     elif t.dim() == 4:
         groups = t.shape[1]
         if groups < 1 or dim % groups != 0:
-            raise ValueError(f"{name}: dim {dim} is not divisible by the number of groups {groups} (shape {tuple(t.shape)})")
+            raise ValueError(
+                f"{name}: dim {dim} is not divisible by the number of groups {groups} (shape {tuple(t.shape)})")
         expected = (batch, groups, d_state, seqlen)
     if tuple(t.shape) != expected:
         raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {expected}")

@@ -37,7 +37,8 @@ def _split(fn):
 
 @pytest.mark.parametrize("op,expected,fns", [
     ("selective_scan", MAMBA_SSM_ARGS,
-     {"public": selective_scan, "fn alias": selective_scan_fn, "ref": selective_scan_ref, "chunk": selective_scan_chunk}),
+     {"public": selective_scan, "fn alias": selective_scan_fn, "ref": selective_scan_ref,
+      "chunk": selective_scan_chunk}),
     ("longhorn_scan", LONGHORN_ARGS,
      {"public": longhorn_scan, "ref": longhorn_scan_ref, "chunk": longhorn_scan_chunk}),
 ], ids=["selective_scan", "longhorn_scan"])
@@ -86,7 +87,8 @@ MAMBA_BAD = {
     "u int": (dict(u=torch.ones(2, 6, 5, dtype=torch.int64)), TypeError, r"u must be a floating tensor"),
     "u not a tensor": (dict(u=[[0.0]]), TypeError, r"u must be a torch.Tensor"),
     "delta missing": (dict(delta=None), TypeError, r"delta must be a torch.Tensor"),
-    "delta shape": (dict(delta=torch.rand(2, 6, 4)), ValueError, r"delta has shape \(2, 6, 4\), expected .*\(2, 6, 5\)"),
+    "delta shape": (dict(delta=torch.rand(2, 6, 4)), ValueError,
+                    r"delta has shape \(2, 6, 4\), expected .*\(2, 6, 5\)"),
     "z shape": (dict(z=torch.rand(1, 6, 5)), ValueError, r"z has shape \(1, 6, 5\)"),
     "A dim": (dict(A=-torch.rand(5, 4)), ValueError, r"A has shape \(5, 4\), expected \(dim, d_state\) with dim = 6"),
     "A rank": (dict(A=-torch.rand(6)), ValueError, r"A must have 2 dimensions"),
@@ -118,7 +120,8 @@ def test_selective_scan_bad_input(overrides, error, match):
 LONGHORN_BAD = {
     "k rank": (dict(k=torch.randn(4)), ValueError, r"k must be constant \(dim, d_state\), variable"),
     "k complex": (dict(k=torch.randn(2, 4, 5, dtype=torch.complex64)), TypeError, r"k must be real"),
-    "N > 256": (dict(k=torch.randn(2, 300, 5), q=torch.randn(2, 300, 5)), ValueError, r"k: d_state must be in \[1, 256\]"),
+    "N > 256": (dict(k=torch.randn(2, 300, 5), q=torch.randn(2, 300, 5)), ValueError,
+                r"k: d_state must be in \[1, 256\]"),
     "q N": (dict(q=torch.randn(2, 5, 5)), ValueError, r"q has shape \(2, 5, 5\), expected \(2, 4, 5\)"),
     "q groups": (dict(q=torch.randn(2, 5, 4, 5)), ValueError, r"q: dim 6 is not divisible by the number of groups 5"),
     "delta shape": (dict(delta=torch.rand(2, 6)), ValueError, r"delta must have 3 dimensions"),

@@ -18,7 +18,8 @@ from ..utils import (
 from .chunk import selective_scan_chunk
 from .ref import selective_scan_ref
 
-__all__ = ["selective_scan", "selective_scan_fn", "selective_scan_ref", "selective_scan_chunk", "check_selective_scan_args"]
+__all__ = ["selective_scan", "selective_scan_fn", "selective_scan_ref", "selective_scan_chunk",
+           "check_selective_scan_args"]
 
 
 def check_selective_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> None:
