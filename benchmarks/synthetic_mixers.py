@@ -96,11 +96,18 @@ def train_gdssm(n_layers: int, steps: int, lr: float, batch: int, test: Dict[str
 
 
 def construction_match(layer: GDSSMLayer, eta: float, n_pairs: int) -> Dict[str, float]:
-    """Invariant ``M = -(w_o . a_y1) B_x0^T C_x2`` of a trained layer vs the construction ``eta/N I``."""
+    """Invariant ``M`` of a trained layer vs the construction ``eta/N I``.
+
+    A pair (y_i, x_i) sits in slots (1, 0) of the window ending at x_{i+1} and in slots (2, 1) of the one
+    ending at y_i; with the query x_q in slot 2, ``M = -sum_routes (w_o . a_y) B_x^T C_x2``.
+    """
     d, dm = layer.d_state, layer.d_model
     with torch.no_grad():
-        gain = -(layer.out_proj.weight[d] * layer.a_proj.weight[:, dm + d]).sum()
-        M = gain * layer.b_proj.weight[:, :d].T @ layer.c_proj.weight[:, 2 * dm:2 * dm + d]
+        def route(y_slot: int, x_slot: int) -> torch.Tensor:
+            gain = -(layer.out_proj.weight[d] * layer.a_proj.weight[:, y_slot * dm + d]).sum()
+            return gain * layer.b_proj.weight[:, x_slot * dm:x_slot * dm + d].T
+
+        M = (route(1, 0) + route(2, 1)) @ layer.c_proj.weight[:, 2 * dm:2 * dm + d]
         scale = M.diagonal().mean()
         rel = ((M - scale * torch.eye(d)).norm() / M.norm()).item()
         lam = torch.exp(layer.log_lambda).mean().item()
@@ -137,6 +144,15 @@ def plot(path: Path, mqar: List[dict], reg: Dict[str, object]) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    if mqar:
+        _plot_mqar(ax1, mqar)
+    if reg:
+        _plot_regression(ax2, reg)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def _plot_mqar(ax1, mqar: List[dict]) -> None:
     labels = sorted({k for r in mqar for k in r["acc"]}, key=lambda s: int(s[2:]))
     settings = sorted({r["L"] for r in mqar})
     width = 0.8 / len(SEQ_MIXERS)
@@ -152,6 +168,9 @@ def plot(path: Path, mqar: List[dict], reg: Dict[str, object]) -> None:
     ax1.set_xticks([j + 0.4 - width / 2 for j in range(len(ticks))], ticks, rotation=30, fontsize=7)
     ax1.set_ylabel("MQAR accuracy (queries)")
     ax1.legend(fontsize=7)
+
+
+def _plot_regression(ax2, reg: Dict[str, object]) -> None:
     for n, curve in reg["curves"].items():
         ax2.plot(curve, label=f"GD-SSM {n} layer(s)", alpha=0.7)
     for name in ("zero predictor", "1-step GD (best eta)", "2-step GD (best eta)"):
@@ -160,14 +179,14 @@ def plot(path: Path, mqar: List[dict], reg: Dict[str, object]) -> None:
     ax2.set_xlabel("step")
     ax2.set_ylabel("query MSE (train batch)")
     ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one MQAR setting, short runs")
     parser.add_argument("--mixers", nargs="+", default=list(SEQ_MIXERS), choices=SEQ_MIXERS)
+    parser.add_argument("--tasks", nargs="+", default=["regression", "mqar"], choices=["regression", "mqar"])
+    parser.add_argument("--reg-steps", dest="reg_steps_override", type=int, default=None, help="override the regression training steps")
     parser.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args()
     if args.quick:
@@ -178,10 +197,12 @@ def main() -> None:
         settings = [(64, 4, (4, 8, 16)), (128, 8, (8, 16))]
         args.lrs, args.steps, args.batch, args.n_train, args.n_test = (1e-3, 3e-3), 60, 32, 20000, 500
         args.reg_steps, args.reg_lrs, args.eval_tasks = 1000, (1e-2,), 10000
+    if args.reg_steps_override is not None:
+        args.reg_steps = args.reg_steps_override
     start = time.perf_counter()
-    reg = regression(args)
+    reg = regression(args) if "regression" in args.tasks else None
     mqar = []
-    for seqlen, train_k, test_ks in settings:
+    for seqlen, train_k, test_ks in (settings if "mqar" in args.tasks else []):
         for mixer in args.mixers:
             runs = [(lr, train_mqar(mixer, seqlen, train_k, test_ks, lr, args.steps, args.batch, args.n_train,
                                     args.n_test)) for lr in args.lrs]
@@ -190,25 +211,30 @@ def main() -> None:
             print(mqar[-1], flush=True)
     elapsed = time.perf_counter() - start
 
-    test_cols = sorted({k for r in mqar for k in r["acc"]}, key=lambda s: int(s[2:]))
-    mqar_table = markdown_table(
-        ["mixer", "L", "train K", "best lr"] + [f"acc {k}" for k in test_cols],
-        [[r["mixer"], r["L"], r["train_K"], f"{r['lr']:g}"] + [f"{r['acc'][k]:.3f}" if k in r["acc"] else "-"
-                                                               for k in test_cols] for r in mqar])
-    reg_table = markdown_table(["in-context regression (d=10, N=10)", "query MSE"],
-                               [[k, f"{v:.4f}"] for k, v in reg["losses"].items()])
-    m = reg["construction_match"]
-    notes = (f"Mode: {'quick' if args.quick else 'default'}, {args.steps} MQAR steps (batch {args.batch}, "
-             f"lrs {list(args.lrs)}), {args.reg_steps} regression steps; wall time {elapsed:.0f} s. "
-             f"Best GD step sizes {reg['eta'][1]:.3f} (1 step), {reg['eta'][2]:.3f} (2 steps). "
-             f"Trained 1-layer GD-SSM vs the construction: M = {m['scale']:.4f} I + E with |E|/|M| = "
-             f"{m['rel_off_identity']:.3f} (construction: eta/N = {m['eta_over_N']:.4f}, E = 0); mean Lambda "
-             f"{m['mean_lambda']:.3f} (construction 1). Plot: synthetic_mixers.png.")
+    tables, notes = [], [f"Mode: {'quick' if args.quick else 'default'}; wall time {elapsed:.0f} s."]
+    if mqar:
+        test_cols = sorted({k for r in mqar for k in r["acc"]}, key=lambda s: int(s[2:]))
+        tables.append(markdown_table(
+            ["mixer", "L", "train K", "best lr"] + [f"acc {k}" for k in test_cols],
+            [[r["mixer"], r["L"], r["train_K"], f"{r['lr']:g}"] + [f"{r['acc'][k]:.3f}" if k in r["acc"] else "-"
+                                                                   for k in test_cols] for r in mqar]))
+        notes.append(f"MQAR: {args.steps} steps (batch {args.batch}, lrs {list(args.lrs)}), V = {VOCAB}, "
+                     f"d_model {D_MODEL}, 2 layers.")
+    if reg:
+        tables.append(markdown_table(["in-context regression (d=10, N=10)", "query MSE"],
+                                     [[k, f"{v:.4f}"] for k, v in reg["losses"].items()]))
+        m = reg["construction_match"]
+        notes.append(
+            f"Regression: {args.reg_steps} steps (batch 64, lrs {list(args.reg_lrs)}); best GD step sizes "
+            f"{reg['eta'][1]:.3f} (1 step), {reg['eta'][2]:.3f} (2 steps). Trained 1-layer GD-SSM vs the "
+            f"construction: M = {m['scale']:.4f} I + E with |E|/|M| = {m['rel_off_identity']:.3f} (construction: "
+            f"eta/N = {m['eta_over_N']:.4f}, E = 0); mean Lambda {m['mean_lambda']:.3f} (construction 1).")
     plot(Path(__file__).with_name("synthetic_mixers.png"), mqar, reg)
-    payload = {"mqar": mqar, "regression": {k: v for k, v in reg.items() if k != "curves"}, "quick": args.quick,
-               "elapsed_s": elapsed}
-    write_outputs("synthetic_mixers", payload, mqar_table + "\n\n" + reg_table,
-                  "Synthetic mixers: MQAR recall and in-context regression", notes, append=not args.no_append)
+    payload = {"mqar": mqar, "regression": reg and {k: v for k, v in reg.items() if k != "curves"},
+               "quick": args.quick, "elapsed_s": elapsed}
+    write_outputs("synthetic_mixers", payload, "\n\n".join(tables),
+                  "Synthetic mixers: MQAR recall and in-context regression", " ".join(notes + ["Plot: synthetic_mixers.png."]),
+                  append=not args.no_append)
 
 
 if __name__ == "__main__":
