@@ -177,7 +177,7 @@ def test_cub200_from_generated_folder_and_lists(tmp_path):
     (base / "train_test_split.txt").write_text("\n".join(split))
     for t, entries in enumerate(lists, start=1):
         (tmp_path / f"session_{t}.txt").write_text("\n".join(entries))
-    tr = te = lambda img: torch.as_tensor(np.asarray(img)).permute(2, 0, 1)
+    tr = te = lambda img: torch.as_tensor(np.array(img)).permute(2, 0, 1)
     bench = fscil_cub200(tmp_path, index_dir=tmp_path, train_transform=tr, eval_transform=te)
     train, test = list(bench.train_stream), list(bench.test_stream)
     assert [len(e.dataset) for e in train] == [100] + [50] * 10
