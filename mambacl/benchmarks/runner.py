@@ -51,7 +51,8 @@ class RunConfig:
         pretrained: local checkpoint file for the backbone (``pretrained_file``).
         epochs, lr, weight_decay, batch_size, eval_batch_size: training settings shared by all strategies.
         device: torch device. seed: seeds python/numpy/torch at the start.
-        out: run folder (results, checkpoint, logs). tensorboard: also write TensorBoard logs.
+        out: run folder (results, checkpoint, logs); default ``mambacl_runs/<benchmark>_<strategy>_seed<seed>``.
+        tensorboard: also write TensorBoard logs.
         progress: Avalanche's interactive logger (tqdm bars) on stdout.
         autocast: None, 'bf16' or 'fp16' mixed-precision forward (for GPUs; see DistributedPlugin).
 
@@ -73,12 +74,14 @@ class RunConfig:
     eval_batch_size: int = 256
     device: str = "cpu"
     seed: int = 0
-    out: str = "mambacl_runs/run"
+    out: Optional[str] = None
     tensorboard: bool = False
     progress: bool = True
     autocast: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if self.out is None:
+            self.out = f"mambacl_runs/{self.benchmark}_{self.strategy}_seed{self.seed}"
         for name in ("epochs", "batch_size", "eval_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
