@@ -229,11 +229,12 @@ def main() -> None:
             f"{reg['eta'][1]:.3f} (1 step), {reg['eta'][2]:.3f} (2 steps). Trained 1-layer GD-SSM vs the "
             f"construction: M = {m['scale']:.4f} I + E with |E|/|M| = {m['rel_off_identity']:.3f} (construction: "
             f"eta/N = {m['eta_over_N']:.4f}, E = 0); mean Lambda {m['mean_lambda']:.3f} (construction 1).")
-    plot(Path(__file__).with_name("synthetic_mixers.png"), mqar, reg)
+    name = "synthetic_mixers" + ("" if len(set(args.tasks)) == 2 else f"_{args.tasks[0]}")
+    plot(Path(__file__).with_name(f"{name}.png"), mqar, reg)
     payload = {"mqar": mqar, "regression": reg and {k: v for k, v in reg.items() if k != "curves"},
                "quick": args.quick, "elapsed_s": elapsed}
-    write_outputs("synthetic_mixers", payload, "\n\n".join(tables),
-                  "Synthetic mixers: MQAR recall and in-context regression", " ".join(notes + ["Plot: synthetic_mixers.png."]),
+    write_outputs(name, payload, "\n\n".join(tables),
+                  "Synthetic mixers: MQAR recall and in-context regression", " ".join(notes + [f"Plot: {name}.png."]),
                   append=not args.no_append)
 
 
