@@ -9,8 +9,9 @@ reparametrisations of the accumulator rows/columns leave unchanged; the construc
 
 Before training, the constructed layer is checked against one-step GD (the reference).
 
-    python benchmarks/synthetic_mixers.py --quick      # a few minutes on 2 cores
-    python benchmarks/synthetic_mixers.py              # the default grid (< 15 minutes on a quiet machine)
+    python benchmarks/synthetic_mixers.py --quick      # 817 s measured on 2 cores at load ~10
+    python benchmarks/synthetic_mixers.py              # the default grid (sized for < 15 min quiet; not yet run)
+    python benchmarks/synthetic_mixers.py --tasks regression --reg-steps 300   # one part only
 """
 from __future__ import annotations
 
