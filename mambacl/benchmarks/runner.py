@@ -133,7 +133,13 @@ def build_backbone(config: RunConfig, input_shape: Sequence[int]) -> nn.Module:
         kwargs["pretrained_file"] = config.pretrained
     if not timm.list_models(name):
         raise ValueError(f"unknown model {name!r}; see `mambacl list` (any timm model name is accepted)")
-    return timm.create_model(name, num_classes=0, **kwargs)
+    try:
+        return timm.create_model(name, num_classes=0, **kwargs)
+    except TypeError as error:
+        if "img_size" not in str(error) or "img_size" in config.model_args:
+            raise
+        kwargs.pop("img_size")  # CNNs (e.g. timm's resnet18) take any input size and have no img_size argument
+        return timm.create_model(name, num_classes=0, **kwargs)
 
 
 def _default_metrics() -> List[Any]:
