@@ -18,14 +18,19 @@ from avalanche.training.plugins import EvaluationPlugin
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from torchvision import transforms as T
+
+from mambacl.benchmarks.fscil import FSCILSpec, fscil_cifar100, write_synthetic_cifar100
 from mambacl.strategies import MambaCL, NullSpaceEngine, NullSpacePlugin
 from mambacl.strategies.distributed import (DistributedPlugin, EvalShardSampler, RoundRobinBatchSampler,
+                                            ShardedBatchSampler,
                                             all_reduce_statistics_, all_reduce_sum_, broadcast_object,
                                             check_batch_divisible, check_replicas_in_sync, check_same_config,
                                             distributed_loader, eval_shard_sizes, gather_eval, init_distributed,
                                             rank, world_size, wrap_ddp)
 
 sys.path.insert(0, str(Path(__file__).parent / "strategies"))
+from mambacl.strategies.fscil.strategy import MambaFSCIL  # noqa: E402
 from mambacl_helpers import split_digits, tiny_vim  # noqa: E402  (split digits and a tiny Vision Mamba)
 
 TESTS = Path(__file__).parent
@@ -195,6 +200,54 @@ def collectives(tmp_path_factory):
     return launch("worker_collectives", tmp_path_factory.mktemp("collectives"))
 
 
+# -- Mamba-FSCIL ----------------------------------------------------------------------------------------------
+FSCIL_SPEC = FSCILSpec(num_classes=8, num_base=4, n_way=2, n_shot=2)
+
+
+def fscil_run(root: str) -> dict:
+    """MambaFSCIL + DistributedPlugin (tiny Vim backbone, no BatchNorm, no mixup) over the base session and two
+    2-way 2-shot sessions on generated CIFAR-format data in ``root``; returns what each phase produced."""
+    bench = fscil_cifar100(root, spec=FSCIL_SPEC, train_transform=T.ToTensor(), eval_transform=T.ToTensor())
+    torch.manual_seed(0)
+    counter = SampleCounter()
+    strategy = MambaFSCIL(backbone="test_vim", img_size=32, num_classes=8, num_base=4, d_state=4, dt_rank=2,
+                          overrides=dict(inc_steps=3, base_warmup=0, base_lr=0.05, inc_lr=0.1, copy=2,
+                                         mixup_prob=0.0),
+                          inc_mb_size=6, train_mb_size=8, train_epochs=2, eval_mb_size=10,
+                          evaluator=EvaluationPlugin(accuracy_metrics(experience=True), loggers=[]),
+                          plugins=[DistributedPlugin(seed=4), counter])
+    result = {}
+    for session, (train_exp, test_exp) in enumerate(zip(bench.train_stream, bench.test_stream)):
+        # data loaders draw from the global generator a different number of times in 1 and 2 processes: reseed
+        # so that the new incremental branch starts from the same weights in both
+        torch.manual_seed(10 + session)
+        strategy.train(train_exp)
+        strategy.session_accuracy(test_exp)
+        result[f"params{session}"] = {k: v.detach().clone() for k, v in strategy.model.state_dict().items()}
+        result[f"trained{session}"] = counter.train
+    result.update(prototypes=dict(strategy._prototypes), summary=strategy.summary())
+    # the base prototypes recomputed directly: the backbone is frozen after the base session
+    backbone = strategy.model.backbone.eval()
+    with torch.no_grad():
+        images = bench.train_stream[0].dataset.eval()
+        maps = torch.stack([backbone(images[i][0][None])[0] for i in range(len(images))])
+        labels = torch.tensor([int(images[i][1]) for i in range(len(images))])
+    result["direct_means"] = {c: maps[labels == c].mean(0) for c in range(FSCIL_SPEC.num_base)}
+    return result
+
+
+def worker_fscil(out: str) -> None:
+    assert init_distributed() and world_size() == 2
+    torch.save(fscil_run(str(Path(out) / "data")), Path(out) / f"rank{rank()}.pt")
+
+
+@pytest.fixture(scope="module")
+def fscil_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fscil")
+    write_synthetic_cifar100(out / "data", num_classes=8, train_per_class=8, test_per_class=4)
+    return out, launch("worker_fscil", out)
+
+
 def test_config_and_batch_checks_fail_on_every_rank_naming_the_keys(collectives):
     for res in collectives:
         assert "['depth', 'lr']" in res["config"] and "rank 1 has 0.2" in res["config"]
@@ -282,6 +335,11 @@ def test_samplers_partition_the_batches():
     robin = [list(RoundRobinBatchSampler(10, 3, rank=r, world=2)) for r in range(2)]
     assert robin == [[[0, 1, 2], [6, 7, 8]], [[3, 4, 5], [9]]]
     assert [len(RoundRobinBatchSampler(10, 3, rank=r, world=2)) for r in range(2)] == [2, 2]
+    global_batches = [[5, 1, 7, 2], [0, 3]]
+    shares = [list(ShardedBatchSampler(global_batches, rank=r, world=2)) for r in range(2)]
+    assert shares == [[[5, 7], [0]], [[1, 2], [3]]]
+    with pytest.raises(ValueError, match="global batch 0 has 3 samples, not divisible by the world size 2"):
+        list(ShardedBatchSampler([[1, 2, 3]], rank=0, world=2))
 
 
 def test_bad_input_is_rejected():
@@ -350,3 +408,25 @@ def test_autocast_runs_the_forward_in_bf16_and_returns_float32():
     assert seen[:2] == [torch.bfloat16] * 2 and seen[-1] == torch.float32  # training steps; covariance pass in fp32
     assert outputs == [torch.float32] * 2
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_fscil_with_distributed_plugin_matches_one_process(fscil_ranks):
+    out, (a, b) = fscil_ranks
+    ref = fscil_run(str(out / "data"))
+    for session in range(3):
+        for name, p in ref[f"params{session}"].items():
+            torch.testing.assert_close(a[f"params{session}"][name], b[f"params{session}"][name], rtol=0, atol=0)
+            # same global batches in both phases; SGD on gradients averaged over 2 shards (fp32 rounding only)
+            torch.testing.assert_close(a[f"params{session}"][name], p, rtol=1e-4, atol=1e-5, msg=name)
+    # base prototypes: per-class float64 sums over round-robin shards, all-reduced
+    assert sorted(ref["prototypes"]) == sorted(a["prototypes"]) == list(range(8))  # 4 base + 2 x 2 novel classes
+    for c, mean in ref["direct_means"].items():
+        torch.testing.assert_close(ref["prototypes"][c], mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a["prototypes"][c], b["prototypes"][c], rtol=0, atol=0)
+        torch.testing.assert_close(a["prototypes"][c], mean, rtol=1e-4, atol=1e-5)
+    assert a["summary"] == b["summary"]
+    assert a["summary"]["sessions"] == pytest.approx(ref["summary"]["sessions"], abs=1e-6)
+    # each rank trained on half of every batch: 2 epochs of 32 base images, then 3 steps of 6 cached maps twice
+    trained = [[res[f"trained{session}"] for session in range(3)] for res in (ref, a, b)]
+    assert trained == [[64, 82, 100], [32, 41, 50], [32, 41, 50]]

@@ -26,6 +26,7 @@ from typing import Any, Dict, Iterator, List, Mapping, MutableMapping, Optional,
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 from avalanche.benchmarks.utils.data_loader import TaskBalancedDataLoader
 from avalanche.core import SupervisedPlugin
 from avalanche.training.templates import SupervisedTemplate
@@ -38,11 +39,12 @@ from mambacl.strategies.plugins.nullspace import NullSpacePlugin
 BACKENDS = ("nccl", "gloo")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-__all__ = ["DistributedPlugin", "EvalShardSampler", "RoundRobinBatchSampler", "all_reduce_statistics_",
-           "all_reduce_sum_", "barrier", "broadcast_object", "check_batch_divisible", "check_replicas_in_sync",
-           "check_same_config", "distributed_loader", "eval_shard_sizes", "gather_eval", "gather_objects",
-           "init_distributed", "is_distributed", "is_main_process", "local_device", "rank", "reduce_statistics",
-           "round_robin_loader", "shard_nullspace_collection", "unwrap_model", "world_size", "wrap_ddp"]
+__all__ = ["DistributedPlugin", "EvalShardSampler", "RoundRobinBatchSampler", "ShardedBatchSampler",
+           "all_reduce_statistics_", "all_reduce_sum_", "barrier", "broadcast_object", "check_batch_divisible",
+           "check_replicas_in_sync", "check_same_config", "distributed_loader", "eval_shard_sizes", "gather_eval",
+           "gather_objects", "gather_rows", "init_distributed", "is_distributed", "is_main_process", "local_device", "rank",
+           "reduce_statistics", "round_robin_loader", "shard_nullspace_collection", "unwrap_model", "world_size",
+           "wrap_ddp"]
 
 
 # -- process group ---------------------------------------------------------------------------------------------
@@ -395,6 +397,43 @@ class RoundRobinBatchSampler(Sampler[List[int]]):
         return len(range(self.rank, batches, self.world))
 
 
+class ShardedBatchSampler(Sampler[List[int]]):
+    """Rank r's share ``batch[r::W]`` of every global batch of ``batch_sampler``.
+
+    The wrapped sampler must produce the same batches on every rank (seed its generator identically, e.g.
+    through :func:`broadcast_object`) and batch sizes divisible by the world size, so every rank takes the same
+    number of steps and the ranks' shares of step i together are the single-process batch i.
+    """
+
+    def __init__(self, batch_sampler: Sampler[List[int]], rank: Optional[int] = None,
+                 world: Optional[int] = None) -> None:
+        self.batch_sampler = batch_sampler
+        self.rank, self.world = _rank_and_world(rank, world)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        for i, batch in enumerate(self.batch_sampler):
+            if len(batch) % self.world:
+                raise ValueError(f"global batch {i} has {len(batch)} samples, not divisible by the world size "
+                                 f"{self.world}")
+            yield list(batch)[self.rank::self.world]
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``tensor`` concatenated on dim 0 in rank order, differentiably (``tensor`` itself outside a
+    process group; every rank must pass the same shape).
+
+    For losses that are not means over samples (group norms, group means): each rank computes the loss of the
+    global batch from the gathered rows; the backward sums the ranks' gradients into each rank's own rows, so
+    after DDP's averaging the parameters get the gradient of that loss on the global batch.
+    """
+    if not is_distributed():
+        return tensor
+    return torch.cat(dist_nn.all_gather(tensor.contiguous()))
+
+
 def all_reduce_statistics_(sums: MutableMapping[str, torch.Tensor], counts: MutableMapping[str, int]) -> None:
     """Sum keyed running statistics and their counts over all ranks, in place (float64 sums stay float64).
 
@@ -472,9 +511,12 @@ class DistributedPlugin(SupervisedPlugin, supports_distributed=True):
     :class:`NullSpacePlugin` of the strategy gets :func:`shard_nullspace_collection`.
 
     Put it first in the plugin list so later plugins and the EvaluationPlugin see the gathered outputs.
-    Strategies whose training loader is not the template's own (a custom ``make_train_dataloader``, or a plugin
-    such as Replay's replacing it) keep their loader in one process and are refused in a process group, as are
-    multi-task models (Avalanche ``MultiTaskModule``), which cannot be DDP-wrapped this way.
+    Strategies with their own training loader say so through two optional attributes: ``uses_template_loader``
+    (true while the current loader is the template's over ``adapted_dataset``, which this plugin may replace;
+    default: ``make_train_dataloader`` is not overridden) and ``shards_own_loader`` (true while the strategy's
+    own loader already gives each rank its part of every global batch: the loader is kept and the model is
+    still DDP-wrapped). Any other loader (e.g. Replay's) is kept in one process and refused in a process
+    group, as are multi-task models (Avalanche ``MultiTaskModule``), which cannot be DDP-wrapped this way.
 
     Args:
         seed: base seed of the training permutations, identical on every rank.
@@ -524,7 +566,8 @@ class DistributedPlugin(SupervisedPlugin, supports_distributed=True):
         """True when the current training loader is the template's own, which this plugin may replace."""
         stock = type(strategy).make_train_dataloader is SupervisedTemplate.make_train_dataloader
         loader = strategy.dataloader
-        return stock and loader is self._template_loader and type(loader) in (DataLoader, TaskBalancedDataLoader)
+        return (getattr(strategy, "uses_template_loader", stock) and loader is self._template_loader
+                and type(loader) in (DataLoader, TaskBalancedDataLoader))
 
     def state_dict(self) -> dict:
         """Nothing to save: the sampling depends only on (seed, experience, epoch)."""
@@ -545,17 +588,19 @@ class DistributedPlugin(SupervisedPlugin, supports_distributed=True):
         self._ddp, self._template_loader = None, strategy.dataloader
 
     def before_training_epoch(self, strategy, **kwargs) -> None:
-        if not self.owns_loader(strategy):
+        if self.owns_loader(strategy):
+            data = strategy.adapted_dataset
+            strategy.dataloader = self._template_loader = distributed_loader(
+                data, strategy.train_mb_size, self.seed, self.epoch_seed_offset(strategy),
+                collate_fn=getattr(data, "collate_fn", None), num_workers=self.num_workers,
+                pin_memory=torch.device(strategy.device).type == "cuda")
+        elif not getattr(strategy, "shards_own_loader", False):
             if is_distributed():
                 raise TypeError(f"{type(strategy).__name__} trains from its own loader "
                                 f"({type(strategy.dataloader).__name__}); distributed runs support strategies that "
-                                "use the template's training loader (e.g. MambaCL, AdamNSCL, Naive, EWC, LwF)")
+                                "use the template's training loader (e.g. MambaCL, AdamNSCL, Naive, EWC, LwF) or "
+                                "shard their own (MambaFSCIL)")
             return
-        data = strategy.adapted_dataset
-        strategy.dataloader = self._template_loader = distributed_loader(
-            data, strategy.train_mb_size, self.seed, self.epoch_seed_offset(strategy),
-            collate_fn=getattr(data, "collate_fn", None), num_workers=self.num_workers,
-            pin_memory=torch.device(strategy.device).type == "cuda")
         if is_distributed():
             if self._ddp is None:
                 self._ddp = wrap_ddp(strategy.model, find_unused_parameters=self.find_unused_parameters)

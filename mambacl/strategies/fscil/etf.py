@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["ETFHead", "dot_regression_loss", "length_weights"]
+__all__ = ["ETFHead", "cosine_regression_loss", "dot_regression_loss", "length_weights"]
 
 
 class ETFHead(nn.Module):
@@ -72,5 +72,12 @@ def dot_regression_loss(feat: torch.Tensor, labels: torch.Tensor, etf: torch.Ten
         raise ValueError(f"feat must be [b, d] and labels [b], got {tuple(feat.shape)} and {tuple(labels.shape)}")
     target = etf[:, labels].t()
     dot = (nn.functional.normalize(feat, dim=1) * target).sum(dim=1)
-    r = torch.ones_like(dot) if lengths is None else lengths[labels].to(dot)
-    return weight * 0.5 * ((dot * r - r) ** 2).mean()
+    return cosine_regression_loss(dot, None if lengths is None else lengths[labels].to(dot), weight)
+
+
+def cosine_regression_loss(cosines: torch.Tensor, lengths: Optional[torch.Tensor] = None,
+                           weight: float = 10.0) -> torch.Tensor:
+    """:func:`dot_regression_loss` from the cosines ``cos(h_i, w_{y_i})`` (e.g. the label columns of
+    :class:`ETFHead`'s logits) and the per-sample target lengths ``r_{y_i}`` (None for 1)."""
+    r = torch.ones_like(cosines) if lengths is None else lengths
+    return weight * 0.5 * ((cosines * r - r) ** 2).mean()

@@ -7,12 +7,17 @@ session's shots, plus the mean map of every earlier novel class repeated ``copy`
 class prototypes (mean maps) repeated ``base_copy`` times; a fresh zero-gated incremental branch is trained
 for ``inc_steps`` SGD steps with feature mixup (lam 0.5, probability ``mixup_prob``), the dot-regression,
 suppression and separation losses. See ``fscil.md`` for the published protocol.
+
+Data-parallel (a :class:`~mambacl.strategies.distributed.DistributedPlugin` under torchrun): the base session
+trains on the plugin's sharded image loader; the base prototypes are summed per class over round-robin shards
+of the base set and all-reduced; the few shots are mapped on every rank; each incremental step's global batch,
+drawn identically on every rank, is split between the ranks, and the model runs DDP-wrapped in both phases.
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from avalanche.core import BasePlugin
@@ -22,8 +27,10 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
+from mambacl.strategies.distributed import (ShardedBatchSampler, all_reduce_statistics_, broadcast_object,
+                                            check_batch_divisible, gather_rows, round_robin_loader, unwrap_model)
 from mambacl.strategies.fscil.backbones import FeatureMapBackbone
-from mambacl.strategies.fscil.etf import ETFHead, dot_regression_loss, length_weights
+from mambacl.strategies.fscil.etf import ETFHead, cosine_regression_loss, dot_regression_loss, length_weights
 from mambacl.strategies.fscil.losses import LOSS_WEIGHTS, FSCILLossWeights, separation_loss, suppression_loss
 from mambacl.strategies.fscil.neck import MambaNeck, NeckOutput
 from mambacl.strategies.registry import TrainSetup, register_strategy
@@ -91,9 +98,21 @@ class FSCILModel(nn.Module):
         super().__init__()
         self.backbone, self.neck, self.head = backbone, neck, head
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x ``[b, 3, H, W]`` images. Returns ``[b, num_seen]`` cosine logits."""
-        return self.head(self.neck(self.backbone(x)).feat)
+    def forward(self, x: torch.Tensor, *, from_maps: bool = False, mix_perm: Optional[torch.Tensor] = None,
+                return_neck: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, NeckOutput]]:
+        """Cosine logits of the seen classes, ``[b, num_seen]``.
+
+        Args:
+            x: ``[b, 3, H, W]`` images, or backbone maps ``[b, C, h, w]`` when ``from_maps``.
+            mix_perm: feature mixup with lam 0.5: the maps become ``(maps + maps[mix_perm]) / 2``.
+            return_neck: also return the neck's :class:`NeckOutput` (the losses' inputs).
+        """
+        maps = x if from_maps else self.backbone(x)
+        if mix_perm is not None:
+            maps = 0.5 * maps + 0.5 * maps[mix_perm]
+        neck_out = self.neck(maps)
+        logits = self.head(neck_out.feat)
+        return (logits, neck_out) if return_neck else logits
 
 
 def fscil_summary(accuracies: Sequence[float]) -> Dict[str, object]:
@@ -181,16 +200,32 @@ class MambaFSCIL(SupervisedTemplate):
                          eval_every=eval_every, **base_kwargs)
 
     # ----------------------------------------------------------------------------------------- set-up
+    @property
+    def fscil_model(self) -> FSCILModel:
+        """The model without a DDP wrapper."""
+        return unwrap_model(self.model)
+
+    @property
+    def uses_template_loader(self) -> bool:
+        """Base session: the template's image loader, which a DistributedPlugin may shard."""
+        return self.session == 0
+
+    @property
+    def shards_own_loader(self) -> bool:
+        """Incremental sessions: the cached-map loader already gives each rank its share of every batch."""
+        return self.session > 0
+
     def _before_training_exp(self, **kwargs) -> None:
         self.session = self.clock.train_exp_counter
         seen = max(self.experience.classes_in_this_experience) + 1
-        self.model.head.num_seen = max(self.model.head.num_seen, seen)
-        if self.session > 0 and (self.fresh_branch or self.model.neck.inc is None):
-            self.model.neck.add_incremental_branch()
+        self.fscil_model.head.num_seen = max(self.fscil_model.head.num_seen, seen)
+        if self.session > 0 and (self.fresh_branch or self.fscil_model.neck.inc is None):
+            self.fscil_model.neck.add_incremental_branch()
         super()._before_training_exp(**kwargs)
         p = self.protocol
         if self.session == 0:
-            total = self.train_epochs * len(self.dataloader)
+            # global steps (a distributed loader has only this rank's share of them)
+            total = self.train_epochs * -(-len(self.adapted_dataset) // self.train_mb_size)
             self._scheduler = CosineLRScheduler(self.optimizer, t_initial=max(total, 1), warmup_t=p.base_warmup,
                                                 lr_min=p.base_lr * p.base_min_lr_ratio, warmup_prefix=True,
                                                 t_in_epochs=False)
@@ -209,19 +244,25 @@ class MambaFSCIL(SupervisedTemplate):
         maps, labels = self.incremental_training_set()
         data = TensorDataset(maps, labels, torch.zeros_like(labels))
         batch = min(self.inc_mb_size, len(data))
-        # inc_steps drop_last batches drawn from back-to-back random permutations of the set.
-        sampler = RandomSampler(data, num_samples=self.protocol.inc_steps * batch)
-        self.dataloader = DataLoader(data, batch_sampler=BatchSampler(sampler, batch, drop_last=True))
+        check_batch_divisible(batch, name="incremental batch min(inc_mb_size, training set size)")
+        # inc_steps drop_last batches from back-to-back random permutations of the set, the same on every rank
+        generator = torch.Generator().manual_seed(broadcast_object(int(torch.randint(2 ** 62, ()))))
+        sampler = RandomSampler(data, num_samples=self.protocol.inc_steps * batch, generator=generator)
+        self.dataloader = DataLoader(data, batch_sampler=ShardedBatchSampler(BatchSampler(sampler, batch, True)))
 
     def make_optimizer(self, **kwargs) -> None:
-        """The caller's optimizer in the base session; a fresh SGD over the incremental branch afterwards."""
+        """The caller's optimizer in the base session; afterwards a fresh SGD over the incremental branch (and
+        the base branch when ``base_lr_mult > 0``), every other parameter frozen (``requires_grad=False``)."""
         if self.session == 0:
             super().make_optimizer(**kwargs)
             return
-        neck, p = self.model.neck, self.protocol
+        neck, p = self.fscil_model.neck, self.protocol
         groups = [{"params": list(neck.inc.parameters()), "lr": p.inc_lr}]
         if p.base_lr_mult > 0:
             groups.append({"params": neck.base_parameters(), "lr": p.inc_lr * p.base_lr_mult})
+        trained = {id(param) for group in groups for param in group["params"]}
+        for param in self.fscil_model.parameters():
+            param.requires_grad_(id(param) in trained)
         self.optimizer = torch.optim.SGD(groups, lr=p.inc_lr, momentum=0.9, weight_decay=5e-4)
 
     def _train_exp(self, experience, eval_streams=None, **kwargs) -> None:
@@ -238,18 +279,41 @@ class MambaFSCIL(SupervisedTemplate):
         super()._after_training_exp(**kwargs)
 
     # ------------------------------------------------------------------------------------ feature cache
+    def _map_batches(self, dataset, sharded: bool = False) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """Backbone maps and labels of ``dataset`` under its eval transform, batch by batch, on the device
+        (with ``sharded``, this rank's round-robin share of the batches)."""
+        backbone = self.fscil_model.backbone
+        was_training = backbone.training
+        backbone.eval()
+        loader = DataLoader(dataset.eval(), batch_size=self.eval_mb_size or self.train_mb_size)
+        for x, y, *_ in round_robin_loader(loader) if sharded else loader:
+            yield backbone(x.to(self.device)), y.to(self.device)
+        backbone.train(was_training)
+
     @torch.no_grad()
     def backbone_maps(self, dataset) -> Tuple[torch.Tensor, torch.Tensor]:
         """Backbone maps of ``dataset`` under its eval transform, ``([n, C, H, W], [n])``, on the device."""
-        was_training = self.model.backbone.training
-        self.model.backbone.eval()
-        loader = DataLoader(dataset.eval(), batch_size=self.eval_mb_size or self.train_mb_size)
-        maps, labels = [], []
-        for x, y, *_ in loader:
-            maps.append(self.model.backbone(x.to(self.device)))
-            labels.append(y.to(self.device))
-        self.model.backbone.train(was_training)
+        maps, labels = zip(*self._map_batches(dataset))
         return torch.cat(maps), torch.cat(labels)
+
+    @torch.no_grad()
+    def class_means(self, dataset) -> Dict[int, torch.Tensor]:
+        """Mean backbone map of every class of ``dataset`` (eval transform), ``{class: [C, H, W]}``.
+
+        Sums are float64; in a process group each rank maps its round-robin share of the batches and the
+        per-class sums and counts are all-reduced, so every rank gets the single-process means.
+        """
+        sums: Dict[str, torch.Tensor] = {}
+        counts: Dict[str, int] = {}
+        for maps, labels in self._map_batches(dataset, sharded=True):
+            for c in labels.unique().tolist():
+                selected = maps[labels == c]
+                key = str(c)
+                sums[key] = sums.get(key, 0) + selected.sum(dim=0, dtype=torch.float64)
+                counts[key] = counts.get(key, 0) + len(selected)
+        all_reduce_statistics_(sums, counts)
+        dtype = next(self.fscil_model.parameters()).dtype
+        return {int(k): (sums[k] / counts[k]).to(dtype) for k in sorted(sums, key=int)}
 
     def _class_means(self, maps: torch.Tensor, labels: torch.Tensor) -> None:
         for c in labels.unique().tolist():
@@ -264,7 +328,7 @@ class MambaFSCIL(SupervisedTemplate):
         if self._base_dataset is None:
             raise RuntimeError("the base session must be trained before an incremental session")
         if not self._prototypes:
-            self._class_means(*self.backbone_maps(self._base_dataset))
+            self._prototypes.update(self.class_means(self._base_dataset))
         shots, shot_labels = self.backbone_maps(self.experience.dataset)
         p = self.protocol
         base_copy = p.base_copy if isinstance(p.base_copy, int) else p.base_copy[(self.session - 1) % len(p.base_copy)]
@@ -279,40 +343,39 @@ class MambaFSCIL(SupervisedTemplate):
     # --------------------------------------------------------------------------------- forward and loss
     def forward(self) -> torch.Tensor:
         """Images -> logits in the base session and in eval; cached maps (with feature mixup) -> logits else."""
-        if not self.is_training or self.session == 0:
-            maps = self.model.backbone(self.mb_x)
-        else:
-            maps = self.mb_x
-        self._mix = None
-        if self.is_training and self.session > 0 and random.random() < self.protocol.mixup_prob:
-            perm = torch.randperm(maps.shape[0], device=maps.device)
-            maps = 0.5 * maps + 0.5 * maps[perm]
+        from_maps = self.is_training and self.session > 0
+        perm, self._mix = None, None
+        if from_maps and random.random() < self.protocol.mixup_prob:
+            perm = torch.randperm(self.mb_x.shape[0], device=self.mb_x.device)
             self._mix = (self.mb_y, self.mb_y[perm])
-        self._neck_out = self.model.neck(maps)
-        return self.model.head(self._neck_out.feat)
-
-    def _dot_regression(self, labels: torch.Tensor, with_len: bool) -> torch.Tensor:
-        lengths = length_weights(labels, self.num_classes) if with_len else None
-        return dot_regression_loss(self._neck_out.feat, labels, self.model.head.weight, lengths)
+        logits, self._neck_out = self.model(self.mb_x, from_maps=from_maps, mix_perm=perm, return_neck=True)
+        return logits
 
     def criterion(self) -> torch.Tensor:
-        """Dot-regression loss (mixup: 0.5 on each label set), plus suppression and separation after the base."""
+        """Dot-regression loss (mixup: 0.5 on each label set), plus suppression and separation after the base.
+
+        The batch-level terms (target lengths, suppression, separation) are computed on the global batch, gathered
+        over the ranks in a process group (:func:`gather_rows`), so data-parallel training follows the
+        single-process gradients.
+        """
         if not self.is_training:
-            return dot_regression_loss(self._neck_out.feat, self.mb_y, self.model.head.weight)
+            # from the logits: in a process group they are gathered over the ranks, the neck output is not
+            return cosine_regression_loss(self.mb_output.gather(1, self.mb_y[:, None])[:, 0])
         p, out = self.protocol, self._neck_out
+        labels = gather_rows(self.mb_y)
+        with_len = p.with_len_base if self.session == 0 else p.weights.with_len
+        lengths = length_weights(labels, self.num_classes) if with_len else None
+        targets = [self.mb_y] if self._mix is None else list(self._mix)
+        etf = self.fscil_model.head.weight
+        loss = sum(dot_regression_loss(out.feat, t, etf, lengths) for t in targets) / len(targets)
         if self.session == 0:
-            return self._dot_regression(self.mb_y, p.with_len_base)
+            return loss
         w = p.weights
-        if self._mix is None:
-            loss = self._dot_regression(self.mb_y, w.with_len)
-        else:
-            loss = 0.5 * self._dot_regression(self._mix[0], w.with_len) + 0.5 * self._dot_regression(self._mix[1],
-                                                                                                     w.with_len)
-        loss = loss + suppression_loss(out.inc.z, self.mb_y, self.num_base, w.w_s, w.w_sn)
-        loss = loss + separation_loss([out.inc.dt_low, out.inc.B, out.inc.C], self.mb_y, self.num_base, w.w_sep)
-        if w.w_sep_base and p.base_lr_mult > 0:
-            loss = loss + separation_loss([out.base.dt_low, out.base.B, out.base.C], self.mb_y, self.num_base,
-                                          w.w_sep_base)
+        loss = loss + suppression_loss([gather_rows(z) for z in out.inc.z], labels, self.num_base, w.w_s, w.w_sn)
+        branches = [(out.inc, w.w_sep)] + ([(out.base, w.w_sep_base)] if w.w_sep_base and p.base_lr_mult > 0 else [])
+        for branch, weight in branches:
+            selective = [gather_rows(t) for t in (branch.dt_low, branch.B, branch.C)]
+            loss = loss + separation_loss(selective, labels, self.num_base, weight)
         return loss
 
     def optimizer_step(self) -> None:
