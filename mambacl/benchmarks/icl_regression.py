@@ -14,11 +14,12 @@ exact least squares.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from itertools import product
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
-__all__ = ["icl_regression", "gd_predict", "least_squares_predict", "query_loss", "best_gd_eta"]
+__all__ = ["icl_regression", "gd_predict", "least_squares_predict", "query_loss", "best_gd_eta", "pair_maps"]
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -101,3 +102,32 @@ def best_gd_eta(data: Dict[str, torch.Tensor], steps: int = 1,
 
     best = min(grid, key=loss)
     return min((best * f for f in torch.linspace(0.87, 1.13, 27).tolist()), key=loss)
+
+
+def pair_maps(predict: Callable[[torch.Tensor], torch.Tensor], d: int = 10, n_pairs: int = 10,
+              dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The maps ``M_i`` of a predictor that is a cubic polynomial of the tokens: the coefficient of
+    ``y_i x_i[j] x_q[k]`` is ``M_i[j, k]``, so its context pairs enter as ``sum_i y_i x_i^T M_i x_q``.
+
+    One GD step from ``W0 = 0`` has ``M_i = eta / N I``; a 1-layer GD-SSM (products of three linear maps of
+    the window) is such a cubic, and any reparametrisation of its accumulator leaves every ``M_i`` unchanged.
+    Each coefficient is read exactly by inclusion-exclusion over the 8 inputs that set a subset of
+    ``(y_i, x_i[j], x_q[k])`` to 1 and everything else to 0 (only the monomial holding all three survives).
+
+    Args:
+        predict: ``[b, 2N+1, d+1]`` tokens (layout of :func:`icl_regression`) -> ``[b]`` predictions.
+        d, n_pairs: task shape. dtype: dtype of the probe tokens.
+    Returns:
+        ``[N, d, d]``.
+    """
+    d, n = _check_positive_int("d", d), _check_positive_int("n_pairs", n_pairs)
+    i, j, k = (t.flatten() for t in torch.meshgrid(torch.arange(n), torch.arange(d), torch.arange(d), indexing="ij"))
+    subsets = torch.tensor(list(product((0.0, 1.0), repeat=3)), dtype=dtype)  # [8, 3]: y_i, x_i[j], x_q[k]
+    tokens = torch.zeros(len(i), 8, 2 * n + 1, d + 1, dtype=dtype)
+    tokens[torch.arange(len(i)), :, 2 * i + 1, d] = subsets[:, 0]
+    tokens[torch.arange(len(i)), :, 2 * i, j] = subsets[:, 1]
+    tokens[torch.arange(len(i)), :, 2 * n, k] = subsets[:, 2]
+    signs = (-1.0) ** (3 - subsets.sum(1))
+    with torch.no_grad():
+        preds = predict(tokens.flatten(0, 1)).view(len(i), 8)
+    return (preds * signs).sum(1).view(n, d, d)

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
+from mambacl.backbones import GDSSMLayer
 from mambacl.benchmarks.icl_regression import (
-    best_gd_eta, gd_predict, icl_regression, least_squares_predict, query_loss,
+    best_gd_eta, gd_predict, icl_regression, least_squares_predict, pair_maps, query_loss,
 )
 
 
@@ -64,3 +65,30 @@ def test_bad_input():
         icl_regression(2, n_pairs=0)
     with pytest.raises(ValueError, match="steps"):
         gd_predict(torch.zeros(1, 2, 3), torch.zeros(1, 2), torch.zeros(1, 3), 1.0, steps=0)
+
+
+def test_pair_maps_read_the_pair_coefficients_of_a_cubic():
+    d, n = 3, 4
+    maps = torch.randn(n, d, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def predict(tokens):
+        xs, ys, xq = tokens[:, 0:2 * n:2, :d], tokens[:, 1::2, d], tokens[:, 2 * n, :d]
+        pairs = torch.einsum("bi,bij,ijk,bk->b", ys, xs, maps, xq)
+        # other monomials of degree <= 3 that share variables with the pairs, which must not leak in
+        distractors = ys.square().sum(1) * xq.sum(1) + xs.square().sum((1, 2)) * xq[:, 0] + ys[:, 0] * ys[:, 1] \
+            + 2.0 * xq.sum(1) + xs[:, 0, 0] * xs[:, 1, 1] * xq[:, 2]
+        return pairs + distractors
+
+    torch.testing.assert_close(pair_maps(predict, d, n), maps, rtol=0, atol=1e-12)
+
+
+def test_pair_maps_of_one_gd_step_and_of_the_constructed_gdssm_layer():
+    d, n, eta = 5, 6, 2.5
+    expected = (eta / n * torch.eye(d, dtype=torch.float64)).expand(n, d, d)
+
+    def one_step(tokens):
+        return gd_predict(tokens[:, 0:2 * n:2, :d], tokens[:, 1::2, d], tokens[:, 2 * n, :d], eta=eta)
+
+    torch.testing.assert_close(pair_maps(one_step, d, n), expected, rtol=0, atol=1e-12)
+    layer = GDSSMLayer.constructed(d, eta, n, dtype=torch.float64)
+    torch.testing.assert_close(pair_maps(lambda t: -(t + layer(t))[:, -1, d], d, n), expected, rtol=0, atol=1e-12)
