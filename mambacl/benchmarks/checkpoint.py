@@ -1,5 +1,9 @@
 """Resumable runs: save and restore a strategy after a finished experience (model, optimizer, plugins, RNG).
 
+A strategy with state outside its model, optimizer and plugins provides ``checkpoint_state() -> dict`` and
+``restore_checkpoint_state(state, finished)``; the latter runs before the model is loaded, so it can rebuild
+modules the saved model has (e.g. Mamba-FSCIL's incremental branch).
+
 The checkpoint is written to a temporary file and renamed over ``checkpoint.pt``, so a run killed at any time
 leaves the previous complete checkpoint. Optimizer state is keyed by parameter name because Avalanche's
 ``update_optimizer`` appends new (head) parameters in an order a rebuilt model does not reproduce.
@@ -64,6 +68,7 @@ def save_checkpoint(out: Union[str, Path], strategy: SupervisedTemplate, record:
         "model": strategy.model.state_dict(),
         "optimizer": {name: strategy.optimizer.state[p] for name, p in named.items() if p in strategy.optimizer.state},
         "plugins": _plugin_states(strategy),
+        "strategy": strategy.checkpoint_state() if hasattr(strategy, "checkpoint_state") else None,
         "metrics": list(metrics),
         "rng": rng_state(),
     }
@@ -92,6 +97,8 @@ def restore_strategy(strategy: SupervisedTemplate, finished: Sequence[Any], stat
     model.train()
     for exp in finished:
         avalanche_model_adaptation(model, exp)
+    if hasattr(strategy, "restore_checkpoint_state"):
+        strategy.restore_checkpoint_state(state.get("strategy"), finished)
     model.load_state_dict(state["model"])
     model.to(strategy.device)
     strategy.make_optimizer(reset_optimizer_state=True)

@@ -1,4 +1,5 @@
 """FSCIL scenarios: the real CEC index lists, the seeded sampler, and Avalanche streams on generated CIFAR data."""
+import dataclasses
 import pickle
 from pathlib import Path
 
@@ -204,3 +205,15 @@ def test_registered_fscil_benchmarks_run_through_the_runner(cifar_root, tmp_path
     assert len(rows) == 3 and [r["classes"] for r in rows][-1] == list(range(8))
     # Test experience t holds every class seen so far, so its accuracy is the FSCIL session accuracy.
     assert all(0.0 <= r["acc_per_exp"][-1] <= 1.0 for r in rows)
+
+    # interrupted after the first incremental session (the incremental branch and class means exist), resumed
+    part = dataclasses.replace(config, out=str(tmp_path / "part"))
+    assert run_benchmark(part, stop_after=2)["finished"] == 2
+    resumed = run_benchmark(part, resume=True)
+    for row, again in zip(rows, resumed["experiences"]):
+        assert again["acc_per_exp"] == pytest.approx(row["acc_per_exp"], abs=1e-6)
+    full = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    after = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)
+    for name, value in full["model"].items():
+        torch.testing.assert_close(after["model"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert sorted(after["strategy"]["prototypes"]) == list(range(8))

@@ -383,6 +383,28 @@ class MambaFSCIL(SupervisedTemplate):
         self._updates += 1
         self._scheduler.step_update(self._updates)
 
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def checkpoint_state(self) -> Dict[str, object]:
+        """What a resumed run needs besides the model: session, seen classes, class means, session accuracies."""
+        return {"session": self.session, "num_seen": self.fscil_model.head.num_seen,
+                "has_incremental_branch": self.fscil_model.neck.inc is not None,
+                "prototypes": {c: m.cpu() for c, m in self._prototypes.items()},
+                "session_accuracies": list(self.session_accuracies)}
+
+    def restore_checkpoint_state(self, state: Optional[Dict[str, object]], finished: Sequence) -> None:
+        """Undo :meth:`checkpoint_state` on a fresh strategy (before its model is loaded); ``finished`` are the
+        training experiences done, the first being the base session."""
+        if state is None:
+            raise ValueError("checkpoint has no Mamba-FSCIL state: it was written by a different strategy")
+        model = self.fscil_model
+        if state["has_incremental_branch"] and model.neck.inc is None:
+            model.neck.add_incremental_branch()
+        model.head.num_seen = state["num_seen"]
+        self.session = state["session"]
+        self._prototypes = {c: m.to(self.device) for c, m in state["prototypes"].items()}
+        self.session_accuracies = list(state["session_accuracies"])
+        self._base_dataset = finished[0].dataset if finished else None
+
     # ------------------------------------------------------------------------------------------ results
     def _after_eval_exp(self, **kwargs) -> None:
         super()._after_eval_exp(**kwargs)
