@@ -515,8 +515,9 @@ class DistributedPlugin(SupervisedPlugin, supports_distributed=True):
     (true while the current loader is the template's over ``adapted_dataset``, which this plugin may replace;
     default: ``make_train_dataloader`` is not overridden) and ``shards_own_loader`` (true while the strategy's
     own loader already gives each rank its part of every global batch: the loader is kept and the model is
-    still DDP-wrapped). Any other loader (e.g. Replay's) is kept in one process and refused in a process
-    group, as are multi-task models (Avalanche ``MultiTaskModule``), which cannot be DDP-wrapped this way.
+    still DDP-wrapped; the ``replay`` registry entry and MambaFSCIL set it). Any other loader is kept in one
+    process and refused in a process group, as are multi-task models (Avalanche ``MultiTaskModule``), which
+    cannot be DDP-wrapped this way.
 
     Args:
         seed: base seed of the training permutations, identical on every rank.

@@ -22,10 +22,11 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 import torch
 from avalanche.core import BasePlugin
 from avalanche.training import EWC, JointTraining, LwF, Naive, Replay
-from avalanche.training.plugins import EvaluationPlugin
+from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
+from mambacl.strategies.distributed import check_batch_divisible, world_size
 from mambacl.strategies.heads import ContinualClassifier
 from mambacl.strategies.wrappers import AdamNSCL, MambaCL
 
@@ -229,13 +230,24 @@ def lwf(setup: TrainSetup, *, alpha: float = 1.0, temperature: float = 2.0) -> S
 
 @register_strategy("replay")
 def replay(setup: TrainSetup, *, mem_size: int = 200) -> SupervisedTemplate:
-    """Experience replay with a class-balanced buffer (Avalanche Replay).
+    """Experience replay with an experience-balanced buffer (Avalanche Replay): each batch is ``batch_size``
+    current samples plus ``batch_size`` stored ones.
+
+    Under torchrun Avalanche's replay loader shards both datasets with its own DistributedSampler; each rank
+    then draws ``batch_size / world`` of each, so the global batch is the single-process one.
 
     Args:
         mem_size: total number of stored samples.
     """
     model = setup.classifier("incremental")
-    return Replay(model=model, optimizer=setup.optimizer(model), mem_size=mem_size, **setup.template_kwargs())
+    strategy = Replay(model=model, optimizer=setup.optimizer(model), mem_size=mem_size, **setup.template_kwargs())
+    if world_size() > 1:
+        per_rank = check_batch_divisible(setup.train_mb_size, name="batch size")
+        for plugin in strategy.plugins:
+            if isinstance(plugin, ReplayPlugin):
+                plugin.batch_size = plugin.batch_size_mem = per_rank
+        strategy.shards_own_loader = True  # for DistributedPlugin: keep the replay loader, DDP-wrap the model
+    return strategy
 
 
 @register_strategy("joint", joint=True)
