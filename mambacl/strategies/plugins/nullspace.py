@@ -26,7 +26,7 @@ def _add_rows(engine: NullSpaceEngine, key: str, rows: Union[torch.Tensor, Tuple
     engine.add(key, features, count)
 
 
-class NullSpacePlugin(SupervisedPlugin):
+class NullSpacePlugin(SupervisedPlugin, supports_distributed=True):
     """Projects every step of the protected parameters onto the null space of old experiences' features.
 
     In ``before_update`` the protected parameters are snapshot; in ``after_update`` the optimizer's step
@@ -37,6 +37,9 @@ class NullSpacePlugin(SupervisedPlugin):
     projectors are rebuilt. The first experience trains unprojected. Optimizer state is reset at every
     experience boundary (param groups are kept). Projectors are keyed by parameter name; a parameter whose
     shape no longer matches its projector is skipped.
+
+    Data-parallel safe: DDP replicas are identical, so every rank builds the same projector; DistributedPlugin
+    additionally shards the collection pass and all-reduces its statistics (``reduce_fn``).
 
     Args:
         protect: 'ssm' (Mamba-CL: SSM branch/mixer taps, see ``features.ssm_plan``) or 'layers' (Adam-NSCL:
