@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -34,10 +35,13 @@ def machine_info() -> Dict[str, str]:
     return info
 
 
+def _device_name(info: Dict[str, str]) -> str:
+    return info.get("gpu", f"CPU only ({info['cpu_count']} cores, {info['torch_threads']} torch threads)")
+
+
 def describe_machine() -> str:
     info = machine_info()
-    device = info.get("gpu", f"CPU only ({info['cpu_count']} cores, {info['torch_threads']} torch threads)")
-    return f"{device}; torch {info['torch']}, Python {info['python']}, commit {info['commit']}"
+    return f"{_device_name(info)}; torch {info['torch']}, Python {info['python']}, commit {info['commit']}"
 
 
 def time_call(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
@@ -62,14 +66,31 @@ def markdown_table(header: Sequence[str], rows: List[Sequence[object]]) -> str:
 
 
 def write_outputs(name: str, payload: dict, table: str, title: str, notes: str = "", append: bool = True) -> None:
-    """Print the table, write ``<name>.json`` next to the scripts and append a section to RESULTS.md."""
+    """Print the table, write ``<name>.json`` next to the scripts and record a section in RESULTS.md: it
+    replaces the section of the same title measured on the same device (older figures and notes on it are
+    superseded), else it is appended."""
     print(table)
     payload = {"machine": machine_info(), **payload}
     Path(__file__).with_name(f"{name}.json").write_text(json.dumps(payload, indent=2))
     if append:
         stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        section = f"\n## {title}\n\nMeasured {stamp} on {describe_machine()}.\n\n{table}\n"
+        section = f"## {title}\n\nMeasured {stamp} on {describe_machine()}.\n\n{table}\n"
         if notes:
             section += f"\n{notes}\n"
-        with RESULTS_MD.open("a") as f:
-            f.write(section)
+        RESULTS_MD.write_text(record_section(RESULTS_MD.read_text() if RESULTS_MD.exists() else "", section,
+                                             _device_name(payload["machine"])))
+
+
+def record_section(document: str, section: str, device: str) -> str:
+    """``document`` with ``section`` in place of the sections that have its heading and were measured on
+    ``device``, or appended when there is none."""
+    parts = re.split(r"(?m)^(?=## )", document)
+    heading = section.splitlines()[0]
+    stale = [i for i, part in enumerate(parts)
+             if part.splitlines()[:1] == [heading] and f" on {device};" in "".join(part.split("\n\n", 2)[1:2])]
+    body = [part.rstrip("\n") + "\n\n" for i, part in enumerate(parts) if i not in stale[1:]]
+    if stale:
+        body[stale[0]] = section + "\n"
+    else:
+        body.append(section + "\n")
+    return "".join(body).rstrip("\n") + "\n"
