@@ -65,14 +65,14 @@ def markdown_table(header: Sequence[str], rows: List[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(name: str, payload: dict, table: str, title: str, notes: str = "", append: bool = True) -> None:
+def write_outputs(name: str, payload: dict, table: str, title: str, notes: str = "", record: bool = True) -> None:
     """Print the table, write ``<name>.json`` next to the scripts and record a section in RESULTS.md: it
     replaces the section of the same title measured on the same device (older figures and notes on it are
     superseded), else it is appended."""
     print(table)
     payload = {"machine": machine_info(), **payload}
     Path(__file__).with_name(f"{name}.json").write_text(json.dumps(payload, indent=2))
-    if append:
+    if record:
         stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         section = f"## {title}\n\nMeasured {stamp} on {describe_machine()}.\n\n{table}\n"
         if notes:

@@ -62,7 +62,7 @@ def main(argv: List[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--scan-impl", default="auto", choices=["auto", "reference", "chunk", "triton"])
     parser.add_argument("--quick", action="store_true", help="batch 2, 2 timed steps")
-    parser.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument("--no-append", action="store_true", help="do not write the section in RESULTS.md")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.steps = 2, 2
@@ -90,7 +90,7 @@ def main(argv: List[str] | None = None) -> None:
              f"median of {args.steps} steps after 1 warm-up. `ref check err`: max |logit| difference of a 2-layer "
              "vim_tiny against the sequential reference scan.")
     write_outputs("backbone_throughput", dict(results=records), table, "Backbone training throughput "
-                  "(benchmarks/backbone_throughput.py)", notes=notes, append=not args.no_append)
+                  "(benchmarks/backbone_throughput.py)", notes=notes, record=not args.no_append)
 
 
 if __name__ == "__main__":

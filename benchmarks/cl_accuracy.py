@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="1 epoch, 20 images per class (a smoke run)")
     parser.add_argument("--out", default=None, help="run folder (default: a temporary folder)")
-    parser.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument("--no-append", action="store_true", help="do not write the section in RESULTS.md")
     args = parser.parse_args()
     strategies = [s for s in args.strategies.split(",") if s]
     seeds = [int(s) for s in args.seeds.split(",") if s]
@@ -71,7 +71,7 @@ def main() -> None:
         less = all(summary["mambacl"]["forgetting"][0] < summary[b]["forgetting"][0] for b in baselines)
         notes += f" Mamba-CL forgets less than {', '.join(baselines)}: {'yes' if less else 'no'}."
     write_outputs("cl_accuracy", {"config": config.to_dict(), "comparison": comparison}, table,
-                  "Class-incremental accuracy on split digits (mambacl compare)", notes, append=not args.no_append)
+                  "Class-incremental accuracy on split digits (mambacl compare)", notes, record=not args.no_append)
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="torch threads per process (0: cores / procs); 1 avoids oversubscribing shared CPUs")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per process count")
     parser.add_argument("--quick", action="store_true", help="3 epochs of the first experience")
-    parser.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument("--no-append", action="store_true", help="do not write the section in RESULTS.md")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -158,7 +158,7 @@ def main(argv: Optional[List[str]] = None) -> None:
              "gradient is near zero (plus DistributedSampler's repeated sample when the world size does not "
              "divide an experience).")
     write_outputs("ddp_scaling", payload, table, "Data-parallel scaling (benchmarks/ddp_scaling.py)", notes,
-                  append=not args.no_append)
+                  record=not args.no_append)
 
 
 if __name__ == "__main__":

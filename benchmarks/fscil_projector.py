@@ -142,7 +142,7 @@ def main(argv: List[str] | None = None) -> None:
     parser.add_argument("--scan-impl", default="auto", choices=["auto", "reference", "chunk", "triton"])
     parser.add_argument("--accuracy-run", action="store_true", help="also run a small FSCIL run on generated data")
     parser.add_argument("--quick", action="store_true", help="batches 16, 1 timed step, smaller accuracy run")
-    parser.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument("--no-append", action="store_true", help="do not write the section in RESULTS.md")
     args = parser.parse_args(argv)
     if args.quick:
         args.base_batch, args.inc_batch, args.repeat = 16, 16, 1
@@ -178,7 +178,7 @@ def main(argv: List[str] | None = None) -> None:
         table += "\n\n" + markdown_table(["run", *[f"s{i + 1}" for i in range(len(PAPER_CIFAR))]], acc_rows)
         notes += f"\n\nAccuracy run (%, not comparable to the paper rows): {data}."
     write_outputs("fscil_projector", payload, table, "Mamba-FSCIL projector cost per session "
-                  "(benchmarks/fscil_projector.py)", notes=notes, append=not args.no_append)
+                  "(benchmarks/fscil_projector.py)", notes=notes, record=not args.no_append)
 
 
 if __name__ == "__main__":

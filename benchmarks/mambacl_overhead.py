@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--n-collect", type=int, default=32, help="images in the timed covariance pass")
     parser.add_argument("--task-size", type=int, default=5000, help="images per task for the epoch comparison")
     parser.add_argument("--quick", action="store_true", help="32 px, batch 4, 2 iterations")
-    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument("--no-record", action="store_true", help="do not write the section in RESULTS.md")
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.batch, args.iters, args.n_collect = [32], 4, 2, 8
@@ -164,7 +164,7 @@ def main() -> None:
                         "forward + backward); Mamba-CL's epoch repeats the data x5. The projection cost does not "
                         "grow with the batch, so its overhead falls with larger batches (Mamba-CL: 200). Peak "
                         "memory is reported on CUDA only.",
-                  append=not args.no_record)
+                  record=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -191,7 +191,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); 1 avoids the "
                         "per-op thread-pool stalls of an oversubscribed machine")
-    parser.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument("--no-append", action="store_true", help="do not write the section in RESULTS.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -241,7 +241,7 @@ def main(argv: Optional[List[str]] = None) -> None:
               "vs reference", "GB/s (fwd)"]
     write_outputs("scan_speed", {"records": records, "notes": notes}, markdown_table(header, rows),
                   "Selective-scan speed (scan_speed.py" + (" --quick)" if args.quick else ")"), "\n".join(notes),
-                  append=not args.no_append)
+                  record=not args.no_append)
 
 
 if __name__ == "__main__":

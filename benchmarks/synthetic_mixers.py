@@ -192,7 +192,7 @@ def main() -> None:
     parser.add_argument("--mixers", nargs="+", default=list(SEQ_MIXERS), choices=SEQ_MIXERS)
     parser.add_argument("--tasks", nargs="+", default=["regression", "mqar"], choices=["regression", "mqar"])
     parser.add_argument("--reg-steps", dest="reg_steps_override", type=int, default=None, help="override the regression training steps")
-    parser.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument("--no-append", action="store_true", help="do not write the section in RESULTS.md")
     args = parser.parse_args()
     # MQAR settings: (L, train K, test Ks, steps); the lrs are swept on the first, the later ones reuse each
     # mixer's best lr
@@ -249,7 +249,7 @@ def main() -> None:
                "quick": args.quick, "elapsed_s": elapsed}
     write_outputs(name, payload, "\n\n".join(tables),
                   "Synthetic mixers: MQAR recall and in-context regression", " ".join(notes + [f"Plot: {name}.png."]),
-                  append=not args.no_append)
+                  record=not args.no_append)
 
 
 if __name__ == "__main__":

@@ -17,20 +17,18 @@ from avalanche.evaluation.metrics import accuracy_metrics, loss_metrics
 from avalanche.training.plugins import EvaluationPlugin
 from torch import nn
 from torch.utils.data import TensorDataset
-
 from torchvision import transforms as T
 
 from mambacl.benchmarks.fscil import FSCILSpec, fscil_cifar100, write_synthetic_cifar100
 from mambacl.strategies import MambaCL, NullSpaceEngine, NullSpacePlugin
 from mambacl.strategies.distributed import (DistributedPlugin, EvalShardSampler, RoundRobinBatchSampler,
-                                            ShardedBatchSampler,
-                                            all_reduce_statistics_, all_reduce_sum_, broadcast_object,
-                                            check_batch_divisible, check_replicas_in_sync, check_same_config,
-                                            distributed_loader, eval_shard_sizes, gather_eval, init_distributed,
-                                            rank, world_size, wrap_ddp)
+                                            ShardedBatchSampler, all_reduce_statistics_, all_reduce_sum_,
+                                            broadcast_object, check_batch_divisible, check_replicas_in_sync,
+                                            check_same_config, distributed_loader, eval_shard_sizes, gather_eval,
+                                            init_distributed, rank, world_size, wrap_ddp)
+from mambacl.strategies.fscil.strategy import MambaFSCIL
 
 sys.path.insert(0, str(Path(__file__).parent / "strategies"))
-from mambacl.strategies.fscil.strategy import MambaFSCIL  # noqa: E402
 from mambacl_helpers import split_digits, tiny_vim  # noqa: E402  (split digits and a tiny Vision Mamba)
 
 TESTS = Path(__file__).parent

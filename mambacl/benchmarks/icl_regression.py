@@ -123,11 +123,16 @@ def pair_maps(predict: Callable[[torch.Tensor], torch.Tensor], d: int = 10, n_pa
     d, n = _check_positive_int("d", d), _check_positive_int("n_pairs", n_pairs)
     i, j, k = (t.flatten() for t in torch.meshgrid(torch.arange(n), torch.arange(d), torch.arange(d), indexing="ij"))
     subsets = torch.tensor(list(product((0.0, 1.0), repeat=3)), dtype=dtype)  # [8, 3]: y_i, x_i[j], x_q[k]
+    probe = torch.arange(len(i))
     tokens = torch.zeros(len(i), 8, 2 * n + 1, d + 1, dtype=dtype)
-    tokens[torch.arange(len(i)), :, 2 * i + 1, d] = subsets[:, 0]
-    tokens[torch.arange(len(i)), :, 2 * i, j] = subsets[:, 1]
-    tokens[torch.arange(len(i)), :, 2 * n, k] = subsets[:, 2]
+    tokens[probe, :, 2 * i + 1, d] = subsets[:, 0]
+    tokens[probe, :, 2 * i, j] = subsets[:, 1]
+    tokens[probe, :, 2 * n, k] = subsets[:, 2]
     signs = (-1.0) ** (3 - subsets.sum(1))
     with torch.no_grad():
-        preds = predict(tokens.flatten(0, 1)).view(len(i), 8)
+        preds = predict(tokens.flatten(0, 1))
+    if preds.shape != (8 * len(i),):
+        raise ValueError(f"predict must map [b, 2N+1, d+1] tokens to [b] predictions, got {tuple(preds.shape)} "
+                         f"for b = {8 * len(i)}")
+    preds = preds.view(len(i), 8)
     return (preds * signs).sum(1).view(n, d, d)

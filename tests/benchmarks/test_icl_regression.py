@@ -65,6 +65,8 @@ def test_bad_input():
         icl_regression(2, n_pairs=0)
     with pytest.raises(ValueError, match="steps"):
         gd_predict(torch.zeros(1, 2, 3), torch.zeros(1, 2), torch.zeros(1, 3), 1.0, steps=0)
+    with pytest.raises(ValueError, match=r"predict must map .* to \[b\] predictions, got \(8, 1\)"):
+        pair_maps(lambda tokens: tokens[:, -1, :1], d=1, n_pairs=1)
 
 
 def test_pair_maps_read_the_pair_coefficients_of_a_cubic():

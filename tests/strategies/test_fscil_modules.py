@@ -11,6 +11,7 @@ from mambacl.strategies.fscil import (
     FeatureMapBackbone,
     FourScanSSM,
     MambaNeck,
+    cosine_regression_loss,
     dot_regression_loss,
     length_weights,
     separation_loss,
@@ -73,6 +74,8 @@ def test_dot_regression_loss_hand_computed(with_len):
 def test_dot_regression_loss_bad_shapes():
     with pytest.raises(ValueError, match="feat"):
         dot_regression_loss(torch.randn(3, 4), torch.zeros(2, dtype=torch.long), torch.randn(4, 5))
+    with pytest.raises(ValueError, match=r"lengths None or \[b\], got \(3,\) and \(5,\)"):
+        cosine_regression_loss(torch.ones(3), torch.ones(5))
 
 
 def test_suppression_loss_hand_computed():

@@ -79,5 +79,8 @@ def cosine_regression_loss(cosines: torch.Tensor, lengths: Optional[torch.Tensor
                            weight: float = 10.0) -> torch.Tensor:
     """:func:`dot_regression_loss` from the cosines ``cos(h_i, w_{y_i})`` (e.g. the label columns of
     :class:`ETFHead`'s logits) and the per-sample target lengths ``r_{y_i}`` (None for 1)."""
+    if cosines.dim() != 1 or (lengths is not None and lengths.shape != cosines.shape):
+        raise ValueError(f"cosines must be [b] and lengths None or [b], got {tuple(cosines.shape)} and "
+                         f"{None if lengths is None else tuple(lengths.shape)}")
     r = torch.ones_like(cosines) if lengths is None else lengths
     return weight * 0.5 * ((cosines * r - r) ** 2).mean()

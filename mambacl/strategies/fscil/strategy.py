@@ -115,6 +115,19 @@ class FSCILModel(nn.Module):
         return (logits, neck_out) if return_neck else logits
 
 
+def _add_class_sums(sums: Dict[str, torch.Tensor], counts: Dict[str, int], maps: torch.Tensor,
+                    labels: torch.Tensor) -> None:
+    """Add the float64 per-class sums and counts of ``maps`` to keyed running statistics (keys: class ids)."""
+    for c in labels.unique().tolist():
+        selected = maps[labels == c]
+        sums[str(c)] = sums.get(str(c), 0) + selected.sum(dim=0, dtype=torch.float64)
+        counts[str(c)] = counts.get(str(c), 0) + len(selected)
+
+
+def _class_means(sums: Dict[str, torch.Tensor], counts: Dict[str, int], dtype: torch.dtype) -> Dict[int, torch.Tensor]:
+    return {int(k): (sums[k] / counts[k]).to(dtype) for k in sorted(sums, key=int)}
+
+
 def fscil_summary(accuracies: Sequence[float]) -> Dict[str, object]:
     """Per-session accuracies with their average and the performance drop (first - last), as in the papers."""
     accs = [float(a) for a in accuracies]
@@ -286,9 +299,11 @@ class MambaFSCIL(SupervisedTemplate):
         was_training = backbone.training
         backbone.eval()
         loader = DataLoader(dataset.eval(), batch_size=self.eval_mb_size or self.train_mb_size)
-        for x, y, *_ in round_robin_loader(loader) if sharded else loader:
-            yield backbone(x.to(self.device)), y.to(self.device)
-        backbone.train(was_training)
+        try:
+            for x, y, *_ in round_robin_loader(loader) if sharded else loader:
+                yield backbone(x.to(self.device)), y.to(self.device)
+        finally:
+            backbone.train(was_training)
 
     @torch.no_grad()
     def backbone_maps(self, dataset) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -306,18 +321,9 @@ class MambaFSCIL(SupervisedTemplate):
         sums: Dict[str, torch.Tensor] = {}
         counts: Dict[str, int] = {}
         for maps, labels in self._map_batches(dataset, sharded=True):
-            for c in labels.unique().tolist():
-                selected = maps[labels == c]
-                key = str(c)
-                sums[key] = sums.get(key, 0) + selected.sum(dim=0, dtype=torch.float64)
-                counts[key] = counts.get(key, 0) + len(selected)
+            _add_class_sums(sums, counts, maps, labels)
         all_reduce_statistics_(sums, counts)
-        dtype = next(self.fscil_model.parameters()).dtype
-        return {int(k): (sums[k] / counts[k]).to(dtype) for k in sorted(sums, key=int)}
-
-    def _class_means(self, maps: torch.Tensor, labels: torch.Tensor) -> None:
-        for c in labels.unique().tolist():
-            self._prototypes[c] = maps[labels == c].mean(dim=0)
+        return _class_means(sums, counts, next(self.fscil_model.parameters()).dtype)
 
     def incremental_training_set(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The current session's training maps and labels: shots, earlier novel means, base prototypes.
@@ -335,7 +341,10 @@ class MambaFSCIL(SupervisedTemplate):
         means = [(c, m) for c, m in sorted(self._prototypes.items())]
         rep_maps = [m for c, m in means for _ in range(base_copy if c < self.num_base else p.copy)]
         rep_labels = [c for c, _ in means for _ in range(base_copy if c < self.num_base else p.copy)]
-        self._class_means(shots, shot_labels)
+        shot_sums: Dict[str, torch.Tensor] = {}
+        shot_counts: Dict[str, int] = {}
+        _add_class_sums(shot_sums, shot_counts, shots, shot_labels)
+        self._prototypes.update(_class_means(shot_sums, shot_counts, shots.dtype))
         maps = torch.cat([shots, torch.stack(rep_maps)]) if rep_maps else shots
         labels = torch.cat([shot_labels, torch.tensor(rep_labels, dtype=torch.long, device=shots.device)])
         return maps, labels
