@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import markdown_table, write_outputs  # noqa: E402
 
-from mambacl.benchmarks.runner import RunConfig, compare  # noqa: E402
+from mambacl.experiments import RunConfig, compare  # noqa: E402
 
 STRATEGIES = "naive,ewc,lwf,replay,adam-nscl,mambacl"
 METRICS = ("acc_sample_weighted", "acc_task_mean", "forgetting")

@@ -3,7 +3,7 @@ default benchmark (split digits with its default Vision Mamba), same global batc
 
 For each process count the script launches ``torchrun --nproc-per-node N`` on itself in worker mode; the
 workers build the benchmark, backbone and strategy through the registries, train the first experiences with
-:class:`~mambacl.strategies.distributed.DistributedPlugin` and time every epoch on rank 0. The check: the final
+:class:`~mambacl.strategies.plugins.DistributedPlugin` and time every epoch on rank 0. The check: the final
 parameters of every multi-process run are compared with those of the 1-process run (same global batches), and
 the evaluation accuracies must agree. The first epoch of each run is the warm-up; the median of the others is
 reported. Each process uses ``--threads`` torch threads (default 1, so N processes use N cores).
@@ -43,7 +43,8 @@ def worker(args: argparse.Namespace) -> None:
     from avalanche.training.plugins import EvaluationPlugin
 
     from mambacl.benchmarks.registry import create_benchmark
-    from mambacl.benchmarks.runner import RunConfig, build_backbone
+    from mambacl.experiments import RunConfig, build_backbone
+    from mambacl.strategies.plugins import DistributedPlugin
     from mambacl.strategies import distributed as dist_
     from mambacl.strategies.registry import TrainSetup, create_strategy
 
@@ -72,7 +73,7 @@ def worker(args: argparse.Namespace) -> None:
     evaluator = EvaluationPlugin(accuracy_metrics(stream=True), loggers=[])
     setup = TrainSetup(backbone=backbone, lr=config.lr, epochs=config.epochs, train_mb_size=config.batch_size,
                        eval_mb_size=config.eval_batch_size, device=device, evaluator=evaluator,
-                       plugins=[dist_.DistributedPlugin(seed=config.seed, autocast=args.autocast), timer])
+                       plugins=[DistributedPlugin(seed=config.seed, autocast=args.autocast), timer])
     strategy = create_strategy(config.strategy, setup)
     for exp in bench.train_stream[:args.experiences]:
         strategy.train(exp)

@@ -1,6 +1,6 @@
 """``python -m mambacl``: the same as the ``mambacl`` command."""
 import sys
 
-from mambacl.cli import main
+from mambacl.experiments.cli import main
 
 sys.exit(main())

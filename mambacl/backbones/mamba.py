@@ -7,7 +7,7 @@ continual-learning strategy can project each one separately. The scan itself is 
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional, Set, Type, Union
+from typing import Callable, Dict, List, Set, Type, Union
 
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""Continual-learning benchmarks (Avalanche scenarios), their registry and the run loop behind ``mambacl run``."""
+"""Continual-learning benchmarks: the scenario builders (Avalanche streams) and their registry."""
 from mambacl.benchmarks.registry import (BenchmarkSpec, benchmark_args, create_benchmark, get_benchmark,
                                          list_benchmarks, register_benchmark)
 from mambacl.benchmarks import scenarios  # noqa: F401  (registers split_digits, split_cifar100, imagenet_r)

@@ -191,8 +191,7 @@ def test_cub200_from_generated_folder_and_lists(tmp_path):
 
 def test_registered_fscil_benchmarks_run_through_the_runner(cifar_root, tmp_path):
     from mambacl.benchmarks import list_benchmarks
-    runner = pytest.importorskip("mambacl.benchmarks.runner", reason="the mambacl run loop is not installed")
-    RunConfig, run_benchmark = runner.RunConfig, runner.run_benchmark
+    from mambacl.experiments import RunConfig, run_benchmark
 
     assert {"fscil_cifar100", "fscil_mini_imagenet", "fscil_cub200"} <= set(list_benchmarks())
     config = RunConfig(benchmark="fscil_cifar100", benchmark_args=dict(root=str(cifar_root), spec=vars(SMALL)),

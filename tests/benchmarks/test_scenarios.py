@@ -12,7 +12,7 @@ from sklearn.datasets import load_digits
 
 from mambacl.benchmarks import class_order, create_benchmark, imagenet_r, read_coda_split, split_cifar100, split_digits
 from mambacl.benchmarks.fscil import write_synthetic_cifar100
-from mambacl.benchmarks.results import accuracy_matrix, summarize
+from mambacl.experiments.results import accuracy_matrix, summarize
 
 SHARED = Path(__file__).parents[2] / ".." / "shared"
 CODA = SHARED / "data" / "imagenet_r"

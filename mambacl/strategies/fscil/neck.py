@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from timm.layers import trunc_normal_
 

@@ -8,7 +8,7 @@ class prototypes (mean maps) repeated ``base_copy`` times; a fresh zero-gated in
 for ``inc_steps`` SGD steps with feature mixup (lam 0.5, probability ``mixup_prob``), the dot-regression,
 suppression and separation losses. See ``fscil.md`` for the published protocol.
 
-Data-parallel (a :class:`~mambacl.strategies.distributed.DistributedPlugin` under torchrun): the base session
+Data-parallel (a :class:`~mambacl.strategies.plugins.DistributedPlugin` under torchrun): the base session
 trains on the plugin's sharded image loader; the base prototypes are summed per class over round-robin shards
 of the base set and all-reduced; the few shots are mapped on every rank; each incremental step's global batch,
 drawn identically on every rank, is split between the ranks, and the model runs DDP-wrapped in both phases.

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import yaml
 
-import mambacl.cli as cli
+import mambacl.experiments.cli as cli
 from mambacl.benchmarks.fscil import write_synthetic_cifar100
-from mambacl.cli import main
+from mambacl.experiments.cli import main
 
 TINY = ["--epochs", "1", "--quiet", "--benchmark-arg", "n_experiences=2", "--benchmark-arg", "max_per_class=6"]
 
@@ -70,7 +70,7 @@ def test_run_writes_results_csv_plots_and_tensorboard(tmp_path, capsys):
 
 @pytest.mark.parametrize("strategy", ["mambacl", "ewc"])
 def test_resume_gives_the_same_results_as_an_uninterrupted_run(tmp_path, strategy):
-    from mambacl.benchmarks.runner import RunConfig, run_benchmark
+    from mambacl.experiments import RunConfig, run_benchmark
     config = RunConfig(strategy=strategy, epochs=1, progress=False,
                        benchmark_args={"n_experiences": 2, "max_per_class": 4})
     full = run_benchmark(dataclasses.replace(config, out=str(tmp_path / "full")))

@@ -1,7 +1,7 @@
 """The ``mambacl`` command: ``run``, ``compare`` and ``list``; with no arguments, the embedded default.
 
 ``mambacl`` alone runs the embedded default: split digits, Mamba-CL vs naive fine-tuning, one seed, and
-prints the comparison table. Options map onto :class:`mambacl.benchmarks.runner.RunConfig`; a ``--config``
+prints the comparison table. Options map onto :class:`mambacl.experiments.RunConfig`; a ``--config``
 file sets the same keys and explicit options override it.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import timm
 import yaml
 
 from mambacl.benchmarks import get_benchmark, list_benchmarks
-from mambacl.benchmarks.runner import RunConfig, compare, compare_table, run_benchmark
+from mambacl.experiments import RunConfig, compare, compare_table, run_benchmark
 from mambacl.strategies.registry import get_strategy, list_strategies, strategy_hparams
 
 __all__ = ["main", "build_parser"]

@@ -1,7 +1,7 @@
 """build_backbone: the data's image size reaches models that take it; CNNs without img_size still build."""
 import torch
 
-from mambacl.benchmarks.runner import RunConfig, build_backbone
+from mambacl.experiments import RunConfig, build_backbone
 
 
 def test_cnn_without_img_size_builds_and_runs_on_the_data_shape():

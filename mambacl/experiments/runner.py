@@ -1,4 +1,4 @@
-"""The run loop behind ``mambacl run`` / ``mambacl compare``: config -> benchmark, model, strategy -> results.
+"""The run loop behind ``mambacl run``: config -> benchmark, model, strategy -> results.
 
 ``run_benchmark(config)`` is argparse-free. Its steps are separate functions so other front ends (a DDP
 launcher, notebooks) can reuse them: :func:`build_backbone`, :func:`make_evaluator`, :func:`run_benchmark`
@@ -6,20 +6,15 @@ launcher, notebooks) can reuse them: :func:`build_backbone`, :func:`make_evaluat
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 import platform
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence
 
 import avalanche
 import numpy as np
 import timm
 import torch
-import yaml
 from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetting_metrics, loss_metrics
 from avalanche.logging import InteractiveLogger, TensorboardLogger
 from avalanche.training.determinism.rng_manager import RNGManager
@@ -27,93 +22,21 @@ from avalanche.training.plugins import EvaluationPlugin
 from torch import nn
 
 import mambacl
-from mambacl.benchmarks.checkpoint import load_checkpoint, restore_strategy, save_checkpoint
+from mambacl.experiments.checkpoint import load_checkpoint, restore_strategy, save_checkpoint
 from mambacl.benchmarks.registry import create_benchmark, get_benchmark
-from mambacl.benchmarks.results import accuracy_matrix, summarize, write_results
-from mambacl.strategies.distributed import (DistributedPlugin, barrier, check_batch_divisible, check_replicas_in_sync,
+from mambacl.experiments.config import RunConfig
+from mambacl.experiments.results import accuracy_matrix, summarize, write_results
+from mambacl.strategies.distributed import (barrier, check_batch_divisible, check_replicas_in_sync,
                                             check_same_config, init_distributed, is_main_process, local_device,
                                             world_size)
-from mambacl.strategies.registry import TrainSetup, create_strategy, get_strategy, unknown_name_error
+from mambacl.strategies.plugins import DistributedPlugin
+from mambacl.strategies.registry import TrainSetup, create_strategy, get_strategy
 
-__all__ = ["RunConfig", "build_backbone", "make_evaluator", "run_benchmark", "compare", "compare_table"]
+__all__ = ["build_backbone", "make_evaluator", "run_benchmark"]
 
 _STREAM = "eval_phase/test_stream"
 
 
-@dataclass
-class RunConfig:
-    """One run; its fields are the keys of a YAML/JSON config file (``mambacl run --config``).
-
-    Args:
-        benchmark, benchmark_args: registered benchmark name and its keyword arguments.
-        strategy, strategy_args: registered strategy name and its hyper-parameters.
-        model, model_args: timm model name (None: the benchmark's default) and extra ``create_model`` kwargs.
-        pretrained: local checkpoint file for the backbone (``pretrained_file``).
-        epochs, lr, weight_decay, batch_size, eval_batch_size: training settings shared by all strategies.
-        device: torch device. seed: seeds python/numpy/torch at the start.
-        out: run folder (results, checkpoint, logs); default ``mambacl_runs/<benchmark>_<strategy>_seed<seed>``.
-        tensorboard: also write TensorBoard logs.
-        progress: Avalanche's interactive logger (tqdm bars) on stdout.
-        autocast: None, 'bf16' or 'fp16' mixed-precision forward (for GPUs; see DistributedPlugin).
-
-    Under ``torchrun`` the run is data-parallel (see ``mambacl.strategies.distributed``): ``batch_size`` and
-    ``eval_batch_size`` are global, every rank must get the same config, and rank 0 alone logs and writes files.
-    """
-
-    benchmark: str = "split_digits"
-    benchmark_args: Dict[str, Any] = field(default_factory=dict)
-    strategy: str = "mambacl"
-    strategy_args: Dict[str, Any] = field(default_factory=dict)
-    model: Optional[str] = None
-    model_args: Dict[str, Any] = field(default_factory=dict)
-    pretrained: Optional[str] = None
-    epochs: int = 4
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    batch_size: int = 32
-    eval_batch_size: int = 256
-    device: str = "cpu"
-    seed: int = 0
-    out: Optional[str] = None
-    tensorboard: bool = False
-    progress: bool = True
-    autocast: Optional[str] = None
-
-    def __post_init__(self) -> None:
-        if self.out is None:
-            self.out = f"mambacl_runs/{self.benchmark}_{self.strategy}_seed{self.seed}"
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        for name in ("benchmark_args", "strategy_args", "model_args"):
-            if not isinstance(getattr(self, name), dict):
-                raise TypeError(f"{name} must be a mapping, got {type(getattr(self, name)).__name__}")
-
-    @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "RunConfig":
-        """Build from a mapping; a key that is not a field (e.g. a misspelling) raises a ValueError."""
-        if not isinstance(data, dict):
-            raise TypeError(f"a run config must be a mapping, got {type(data).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in data:
-            if key not in names:
-                raise unknown_name_error("config key", key, names)
-        return cls(**data)
-
-    @classmethod
-    def from_file(cls, path: Union[str, Path]) -> "RunConfig":
-        """Read a ``.yaml``/``.yml`` or ``.json`` config file (see :meth:`from_dict`)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        text = path.read_text()
-        return cls.from_dict((json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)) or {})
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def build_backbone(config: RunConfig, input_shape: Sequence[int]) -> nn.Module:
@@ -187,7 +110,7 @@ def run_benchmark(config: RunConfig, resume: bool = False, stop_after: Optional[
         stop_after: stop once this many experiences are finished (an interrupted run; resume continues it).
     Returns:
         the contents of ``results.json``: config, versions, class order, per-experience records,
-        accuracy matrix, final metrics (see :func:`mambacl.benchmarks.results.summarize`) and timings.
+        accuracy matrix, final metrics (see :func:`mambacl.experiments.results.summarize`) and timings.
     """
     init_distributed()  # torchrun: join the process group; a plain process runs alone
     check_same_config(config.to_dict())
@@ -244,50 +167,5 @@ def _results(config: RunConfig, bench: Any, record: Dict[str, Any], n_test: int)
                         "eval_s": round(sum(r["eval_s"] for r in rows), 3)}}
 
 
-_TABLE_METRICS = ("acc_sample_weighted", "acc_task_mean", "avg_incremental_acc", "forgetting", "bwt")
 
 
-def compare(config: RunConfig, strategies: Sequence[str], seeds: Sequence[int],
-            strategy_args: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Any]:
-    """Run each strategy with each seed on ``config.benchmark`` (runs in ``<out>/<strategy>/seed<s>``).
-
-    Args:
-        config: shared settings (its ``strategy``, ``strategy_args`` and ``seed`` are replaced per run).
-        strategies: registered strategy names. seeds: seeds, the same for every strategy.
-        strategy_args: optional per-strategy hyper-parameters, ``{name: {hparam: value}}``.
-
-    Returns:
-        ``{"benchmark", "seeds", "runs": {strategy: [final metrics per seed]}, "summary": {strategy:
-        {metric: (mean, std)}}}``; also written as ``<out>/compare.json`` and ``<out>/compare.md``.
-    """
-    if not strategies or not seeds:
-        raise ValueError("compare needs at least one strategy and one seed")
-    for name in strategies:
-        get_strategy(name)
-    runs: Dict[str, List[Dict[str, Any]]] = {}
-    for name in strategies:
-        for seed in seeds:
-            run = dataclasses.replace(config, strategy=name, seed=int(seed),
-                                      strategy_args=(strategy_args or {}).get(name, {}),
-                                      out=str(Path(config.out) / name / f"seed{seed}"))
-            result = run_benchmark(run)
-            runs.setdefault(name, []).append({**result["final"], "time_s": result["timings"]["train_s"]})
-    summary = {name: {m: (float(np.mean([r[m] for r in rs])), float(np.std([r[m] for r in rs])))
-                      for m in (*_TABLE_METRICS, "time_s")} for name, rs in runs.items()}
-    comparison = {"benchmark": config.benchmark, "seeds": [int(s) for s in seeds], "runs": runs, "summary": summary}
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(comparison, indent=2))
-    (out / "compare.md").write_text(compare_table(comparison) + "\n")
-    return comparison
-
-
-def compare_table(comparison: Dict[str, Any]) -> str:
-    """Markdown table of :func:`compare`'s summary (mean ± std over seeds)."""
-    header = ["strategy", *_TABLE_METRICS, "train time (s)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, stats in comparison["summary"].items():
-        cells = [f"{m:.4f} ± {s:.4f}" if not math.isnan(m) else "n/a"
-                 for m, s in (stats[k] for k in _TABLE_METRICS)]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {stats['time_s'][0]:.1f} |")
-    return "\n".join(lines)

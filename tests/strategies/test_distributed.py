@@ -21,14 +21,15 @@ from torchvision import transforms as T
 
 from mambacl.benchmarks.fscil import FSCILSpec, fscil_cifar100, write_synthetic_cifar100
 from mambacl.strategies import MambaCL, NullSpaceEngine, NullSpacePlugin
-from mambacl.strategies.distributed import (DistributedPlugin, EvalShardSampler, RoundRobinBatchSampler,
+from mambacl.strategies.distributed import (EvalShardSampler, RoundRobinBatchSampler,
                                             ShardedBatchSampler, all_reduce_statistics_, all_reduce_sum_,
                                             broadcast_object, check_batch_divisible, check_replicas_in_sync,
                                             check_same_config, distributed_loader, eval_shard_sizes, gather_eval,
                                             init_distributed, rank, world_size, wrap_ddp)
 from mambacl.strategies.fscil.strategy import MambaFSCIL
+from mambacl.strategies.plugins import DistributedPlugin
 
-sys.path.insert(0, str(Path(__file__).parent / "strategies"))
+sys.path.insert(0, str(Path(__file__).parent))
 from mambacl_helpers import split_digits, tiny_vim  # noqa: E402  (split digits and a tiny Vision Mamba)
 
 TESTS = Path(__file__).parent
@@ -46,7 +47,7 @@ def launch(worker: str, out: Path, world: int = 2, timeout: float = TIMEOUT_S) -
     """Run ``worker(out)`` of this module on ``world`` processes; return each rank's saved results."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
            "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS.parent), os.environ.get("PYTHONPATH")]))}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS.parents[1]), os.environ.get("PYTHONPATH")]))}
     code = f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_distributed as t; t.{worker}(sys.argv[1])"
     procs = [subprocess.Popen([sys.executable, "-c", code, str(out)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 420
 # 2 experiences of 5 digit classes, one epoch, global batch 32 (16 per rank); 2x2 patches of 4x4 px to keep it quick
 RUN_ARGS = ["run", "--strategy", "mambacl", "--epochs", "1", "--batch-size", "32", "--eval-batch-size", "500",

@@ -1,0 +1,9 @@
+"""The run layer: configs, the run loop with checkpoints and resume, results files, comparisons and the CLI.
+
+Sits above the benchmarks (scenario builders) and the strategies; nothing below imports it.
+"""
+from mambacl.experiments.config import RunConfig
+from mambacl.experiments.runner import build_backbone, make_evaluator, run_benchmark
+from mambacl.experiments.compare import compare, compare_table
+
+__all__ = ["RunConfig", "build_backbone", "compare", "compare_table", "make_evaluator", "run_benchmark"]

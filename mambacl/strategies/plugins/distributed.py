@@ -1,0 +1,181 @@
+"""DistributedPlugin: runs an Avalanche template data-parallel under torchrun (see mambacl.strategies.distributed)."""
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+from typing import Any, List, Optional
+
+import torch
+from avalanche.benchmarks.utils.data_loader import TaskBalancedDataLoader
+from avalanche.core import SupervisedPlugin
+from avalanche.training.templates import SupervisedTemplate
+from torch import nn
+from torch.utils.data import DataLoader
+
+from mambacl.strategies.distributed import (EvalShardSampler, check_batch_divisible, distributed_loader, gather_eval,
+                                            is_distributed, reduce_statistics, round_robin_loader, wrap_ddp)
+from mambacl.strategies.plugins.nullspace import NullSpacePlugin
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+__all__ = ["AUTOCAST_DTYPES", "DistributedPlugin", "shard_nullspace_collection"]
+
+
+def _sharded_collect_loader(plugin: NullSpacePlugin, strategy) -> DataLoader:
+    return round_robin_loader(type(plugin).collect_loader(plugin, strategy))
+
+
+def shard_nullspace_collection(plugin: NullSpacePlugin) -> None:
+    """Make ``plugin``'s covariance pass data-parallel: each rank forwards every W-th batch of the pass and the
+    per-key sums and row counts are all-reduced before the decomposition, so all ranks get the projectors a
+    single process would build. Call it on every rank (inside a process group)."""
+    if not isinstance(plugin, NullSpacePlugin):
+        raise TypeError(f"plugin must be a NullSpacePlugin, got {type(plugin).__name__}")
+    plugin.reduce_fn = reduce_statistics
+    plugin.collect_loader = partial(_sharded_collect_loader, plugin)
+
+
+class DistributedPlugin(SupervisedPlugin, supports_distributed=True):
+    """Runs a SupervisedTemplate data-parallel under torchrun, and identically in a single process.
+
+    ``train_mb_size`` and ``eval_mb_size`` are global batch sizes (the world size must divide
+    ``train_mb_size``). Each training epoch replaces the strategy's loader by :func:`distributed_loader` seeded by
+    ``seed + experience * train_epochs + epoch`` and, inside a process group, runs the model wrapped in DDP (the
+    wrapper is built at the first epoch of each experience, after model adaptation and every plugin's
+    ``before_training_exp`` has fixed the trainable parameters, and removed after each epoch so evaluation,
+    checkpoints and other plugins see the bare model). Evaluation batches are split by :class:`EvalShardSampler`
+    and outputs, targets and task labels are gathered in ``after_eval_forward``, so the evaluation metrics (and
+    the loss) on every rank are those of the whole test set in single-process order; ``mb_x`` stays local.
+    Training-phase metrics are computed on each rank's own shard. Inside a process group every
+    :class:`NullSpacePlugin` of the strategy gets :func:`shard_nullspace_collection`.
+
+    Put it first in the plugin list so later plugins and the EvaluationPlugin see the gathered outputs.
+    Strategies with their own training loader say so through two optional attributes: ``uses_template_loader``
+    (true while the current loader is the template's over ``adapted_dataset``, which this plugin may replace;
+    default: ``make_train_dataloader`` is not overridden) and ``shards_own_loader`` (true while the strategy's
+    own loader already gives each rank its part of every global batch: the loader is kept and the model is
+    still DDP-wrapped; the ``replay`` registry entry and MambaFSCIL set it). Any other loader is kept in one
+    process and refused in a process group, as are multi-task models (Avalanche ``MultiTaskModule``), which
+    cannot be DDP-wrapped this way.
+
+    Args:
+        seed: base seed of the training permutations, identical on every rank.
+        num_workers: DataLoader workers per rank.
+        autocast: None, 'bf16' or 'fp16': mixed-precision forward (``torch.autocast`` on the strategy's device,
+            meant for GPUs; the scans keep fp32 internals), outputs cast back to float32 for the loss.
+        find_unused_parameters: passed to DDP.
+
+    Example:
+        >>> init_distributed()  # under torchrun  # doctest: +SKIP
+        >>> strategy = MambaCL(model=model.to(local_device()), optimizer=opt, train_mb_size=64,
+        ...                    plugins=[DistributedPlugin(seed=0)], device=local_device())  # doctest: +SKIP
+    """
+
+    def __init__(self, *, seed: int = 0, num_workers: int = 0, autocast: Optional[str] = None,
+                 find_unused_parameters: bool = True) -> None:
+        super().__init__()
+        if autocast is not None and autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast must be None or one of {tuple(AUTOCAST_DTYPES)}, got {autocast!r}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.seed, self.num_workers, self.autocast = seed, num_workers, autocast
+        self.find_unused_parameters = find_unused_parameters
+        self._ddp: Optional[nn.Module] = None
+        self._bare: Optional[nn.Module] = None
+        self._eval_sizes: List[List[int]] = []
+        self._eval_step = 0
+        self._amp: Optional[contextlib.AbstractContextManager] = None
+        self._template_loader: Any = None
+
+    def epoch_seed_offset(self, strategy) -> int:
+        """Sampler epoch of the current training epoch: unique per (experience, epoch), stable across resumes."""
+        return strategy.experience.current_experience * strategy.train_epochs + strategy.clock.train_exp_epochs
+
+    def _enter_autocast(self, strategy) -> None:
+        if self.autocast is not None:
+            self._amp = torch.autocast(torch.device(strategy.device).type, dtype=AUTOCAST_DTYPES[self.autocast])
+            self._amp.__enter__()
+
+    def _exit_autocast(self, strategy) -> None:
+        if self._amp is not None:
+            self._amp.__exit__(None, None, None)
+            self._amp = None
+            strategy.mb_output = strategy.mb_output.float()
+
+    def owns_loader(self, strategy) -> bool:
+        """True when the current training loader is the template's own, which this plugin may replace."""
+        stock = type(strategy).make_train_dataloader is SupervisedTemplate.make_train_dataloader
+        loader = strategy.dataloader
+        return (getattr(strategy, "uses_template_loader", stock) and loader is self._template_loader
+                and type(loader) in (DataLoader, TaskBalancedDataLoader))
+
+    def state_dict(self) -> dict:
+        """Nothing to save: the sampling depends only on (seed, experience, epoch)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Counterpart of :meth:`state_dict` (checkpoint restore)."""
+
+    # -- Avalanche callbacks -----------------------------------------------------------------------------------
+    def before_training(self, strategy, **kwargs) -> None:
+        if is_distributed():
+            for plugin in strategy.plugins:
+                if isinstance(plugin, NullSpacePlugin):
+                    shard_nullspace_collection(plugin)
+
+    def before_training_exp(self, strategy, **kwargs) -> None:
+        check_batch_divisible(strategy.train_mb_size, name="train_mb_size")
+        self._ddp, self._template_loader = None, strategy.dataloader
+
+    def before_training_epoch(self, strategy, **kwargs) -> None:
+        if self.owns_loader(strategy):
+            data = strategy.adapted_dataset
+            strategy.dataloader = self._template_loader = distributed_loader(
+                data, strategy.train_mb_size, self.seed, self.epoch_seed_offset(strategy),
+                collate_fn=getattr(data, "collate_fn", None), num_workers=self.num_workers,
+                pin_memory=torch.device(strategy.device).type == "cuda")
+        elif not getattr(strategy, "shards_own_loader", False):
+            if is_distributed():
+                raise TypeError(f"{type(strategy).__name__} trains from its own loader "
+                                f"({type(strategy.dataloader).__name__}); distributed runs support strategies that "
+                                "use the template's training loader (e.g. MambaCL, AdamNSCL, Naive, EWC, LwF) or "
+                                "shard their own (MambaFSCIL)")
+            return
+        if is_distributed():
+            if self._ddp is None:
+                self._ddp = wrap_ddp(strategy.model, find_unused_parameters=self.find_unused_parameters)
+            self._bare, strategy.model = strategy.model, self._ddp
+
+    def after_training_epoch(self, strategy, **kwargs) -> None:
+        if self._bare is not None:
+            strategy.model, self._bare = self._bare, None
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        self._ddp = None
+
+    def before_forward(self, strategy, **kwargs) -> None:
+        self._enter_autocast(strategy)
+
+    def after_forward(self, strategy, **kwargs) -> None:
+        self._exit_autocast(strategy)
+
+    def before_eval_exp(self, strategy, **kwargs) -> None:
+        if not is_distributed():
+            return
+        data = strategy.adapted_dataset
+        sampler = EvalShardSampler(len(data), strategy.eval_mb_size)
+        strategy.dataloader = DataLoader(data, batch_sampler=sampler, collate_fn=getattr(data, "collate_fn", None),
+                                         num_workers=self.num_workers)
+        self._eval_sizes, self._eval_step = sampler.sizes, 0
+
+    def before_eval_forward(self, strategy, **kwargs) -> None:
+        self._enter_autocast(strategy)
+
+    def after_eval_forward(self, strategy, **kwargs) -> None:
+        self._exit_autocast(strategy)
+        if not is_distributed():
+            return
+        sizes = self._eval_sizes[self._eval_step]
+        self._eval_step += 1
+        strategy.mb_output = gather_eval(strategy.mb_output, sizes)
+        strategy.mbatch[1:] = [gather_eval(t, sizes) for t in strategy.mbatch[1:]]
