@@ -1,41 +1,59 @@
 """The ``mambacl`` command: ``run``, ``compare`` and ``list``; with no arguments, the embedded default.
 
 ``mambacl`` alone runs the embedded default: split digits, Mamba-CL vs naive fine-tuning, one seed, and
-prints the comparison table. Options map onto :class:`mambacl.experiments.RunConfig`; a ``--config``
-file sets the same keys and explicit options override it.
+prints the comparison table. Options map onto :class:`mambacl.experiments.RunConfig`; a ``--config`` file
+sets the same keys and explicit options override it.
+
+A folder that holds a run is never replaced silently: ``--resume`` continues it (a run resumes with the
+config its checkpoint records; options that would change it are refused, ``device``/console/worker options
+may change), ``--overwrite`` replaces it. Expected failures (bad options, missing data, a refused folder, a
+NaN loss) end in one ``mambacl: error: ...`` line and exit status 2; ``--debug`` shows their traceback.
+Ctrl-C says how far the run got and how to continue it.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import timm
-import yaml
 
 from mambacl.benchmarks import get_benchmark, list_benchmarks
-from mambacl.experiments import RunConfig, compare, compare_table, run_benchmark
+from mambacl.experiments.checkpoint import checkpoint_config, latest_manifest
+from mambacl.experiments.config import HARMLESS_KEYS, RunConfig, load_yaml
+from mambacl.experiments.runner import RunInterrupted
+from mambacl.experiments import compare, compare_table, run_benchmark
+from mambacl.strategies.plugins import NonFiniteLossError
 from mambacl.strategies.registry import get_strategy, list_strategies, strategy_hparams
 
 __all__ = ["main", "build_parser"]
 
 DEFAULT_STRATEGIES = ("mambacl", "naive")
+DEFAULT_OUT = "mambacl_runs/default"
 # option dest -> RunConfig field, for the options shared by run and compare
 _SHARED = ("benchmark", "model", "pretrained", "epochs", "lr", "weight_decay", "batch_size", "eval_batch_size",
-           "device", "out", "tensorboard", "autocast")
+           "device", "out", "tensorboard", "autocast", "num_workers")
+# failures a user can fix from the message alone; anything else is a bug and keeps its traceback
+_EXPECTED = (ValueError, TypeError, OSError, NonFiniteLossError)
 
 
 def _key_values(items: Optional[List[str]], option: str) -> Dict[str, Any]:
-    """Parse ``key=value`` items; values are read as YAML scalars (numbers, booleans, lists)."""
+    """Parse ``key=value`` items; values are read as YAML 1.2 scalars (numbers such as 1e-4, booleans, lists)."""
     parsed = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"{option} expects key=value, got {item!r}")
-        parsed[key] = yaml.safe_load(value)
+        parsed[key] = load_yaml(value)
     return parsed
+
+
+def _add_folder_options(p: argparse.ArgumentParser, what: str) -> None:
+    modes = p.add_mutually_exclusive_group()
+    modes.add_argument("--resume", nargs="?", const=True, metavar="DIR",
+                       help=f"continue the {what} in DIR (or in --out) after its last finished experience")
+    modes.add_argument("--overwrite", action="store_true", help=f"replace a {what} already in the output folder")
 
 
 def _add_shared(p: argparse.ArgumentParser) -> None:
@@ -46,49 +64,83 @@ def _add_shared(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="timm.create_model kwarg (repeatable)")
     p.add_argument("--pretrained", metavar="FILE", help="local backbone checkpoint")
     p.add_argument("--epochs", type=int, help="training epochs per experience")
-    p.add_argument("--lr", type=float, help="learning rate (AdamW)")
+    p.add_argument("--lr", type=float, help="learning rate")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--eval-batch-size", type=int)
-    p.add_argument("--device", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--device", help="torch device: cpu, cuda, cuda:N or mps")
     p.add_argument("--out", metavar="DIR", help="output folder")
     p.add_argument("--autocast", choices=["bf16", "fp16"], help="mixed-precision forward on GPUs")
+    p.add_argument("--num-workers", type=int, help="DataLoader workers per process")
     p.add_argument("--tensorboard", action="store_true", default=None, help="also write TensorBoard logs")
-    p.add_argument("--quiet", action="store_true", help="no progress bars, only the per-experience summary lines")
+    _add_console(p)
+
+
+def _add_console(p: argparse.ArgumentParser) -> None:
+    console = p.add_mutually_exclusive_group()
+    console.add_argument("--quiet", action="store_true", help="no progress bars, only one line per experience")
+    console.add_argument("--verbose", action="store_true", help="Avalanche's interactive logger (every metric)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of expected errors too")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``mambacl`` command."""
     parser = argparse.ArgumentParser(prog="mambacl", description="Continual learning with Vision Mamba backbones. "
                                      "Without a command: Mamba-CL vs naive on split digits.")
+    _add_folder_options(parser, "default comparison")
+    _add_console(parser)
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="train one strategy on one benchmark")
     _add_shared(run)
     run.add_argument("--strategy", help=f"strategy name ({', '.join(list_strategies())})")
     run.add_argument("--strategy-arg", action="append", metavar="KEY=VALUE", help="strategy hyper-parameter")
     run.add_argument("--seed", type=int)
-    run.add_argument("--resume", metavar="DIR", help="continue the run in DIR after its last finished experience")
+    _add_folder_options(run, "run")
     cmp = sub.add_parser("compare", help="run several strategies with the same seeds and write one table")
     _add_shared(cmp)
     cmp.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES), help="comma-separated strategy names")
     cmp.add_argument("--seeds", default="0", help="comma-separated seeds")
     cmp.add_argument("--strategy-arg", action="append", metavar="NAME.KEY=VALUE",
                      help="hyper-parameter of one strategy, e.g. ewc.ewc_lambda=10")
+    _add_folder_options(cmp, "comparison")
     sub.add_parser("list", help="show benchmarks, strategies (with hyper-parameters) and models")
     return parser
 
 
-def _config(args: argparse.Namespace, **overrides: Any) -> RunConfig:
+def _given(args: argparse.Namespace, **overrides: Any) -> Dict[str, Any]:
+    """The RunConfig keys this command line sets: the --config file, then the explicit options."""
     data = RunConfig.from_file(args.config).to_dict() if args.config else {}
     for name in _SHARED:
         if getattr(args, name) is not None:
             data[name] = getattr(args, name)
     for option, key in (("benchmark_arg", "benchmark_args"), ("model_arg", "model_args")):
-        data[key] = {**data.get(key, {}), **_key_values(getattr(args, option), "--" + option.replace("_", "-"))}
+        items = _key_values(getattr(args, option), "--" + option.replace("_", "-"))
+        if items:
+            data[key] = {**data.get(key, {}), **items}
     if args.quiet:
         data["progress"] = False
+    if args.verbose:
+        data["verbose"] = True
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return RunConfig.from_dict(data)
+    return data
+
+
+def _resume_config(folder: str, given: Dict[str, Any]) -> RunConfig:
+    """The config recorded by the run in ``folder``, with the harmless keys of ``given`` applied; other keys of
+    ``given`` must equal the recorded ones."""
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"cannot resume: the run folder {folder} does not exist")
+    manifest = latest_manifest(folder)
+    if manifest is None:
+        raise FileNotFoundError(f"cannot resume: {folder} holds no checkpoint of a finished experience")
+    saved = checkpoint_config(manifest).to_dict()
+    given = {**given, "out": folder}
+    differing = {k: (saved[k], v) for k, v in given.items() if k not in HARMLESS_KEYS and saved.get(k) != v}
+    if differing:
+        detail = ", ".join(f"{k} (run: {a!r}, given: {b!r})" for k, (a, b) in sorted(differing.items()))
+        raise ValueError(f"--resume continues the run in {folder} as it was configured; these options would change "
+                         f"it: {detail}. Drop them, or start a new run with another --out (or --overwrite)")
+    return RunConfig.from_dict({**saved, **{k: v for k, v in given.items() if k in HARMLESS_KEYS}})
 
 
 def _list() -> None:
@@ -114,11 +166,59 @@ def _per_strategy_args(items: Optional[List[str]]) -> Dict[str, Dict[str, Any]]:
     return nested
 
 
-def _run_default() -> Dict[str, Any]:
-    config = RunConfig(out="mambacl_runs/default")
-    comparison = compare(config, DEFAULT_STRATEGIES, [config.seed])
-    print(f"\nsplit_digits, seed {config.seed} (results in {config.out}):\n" + compare_table(comparison))
-    return comparison
+def _folder_flags(args: argparse.Namespace, out: Optional[str]) -> tuple:
+    """(out, resume, overwrite) from --out and --resume [DIR]; both folders given must agree."""
+    resume = args.resume
+    if isinstance(resume, str):
+        if out is not None and out != resume:
+            raise ValueError(f"--resume {resume} and --out {out} name different folders; give one of them")
+        out = resume
+    return out, bool(resume), args.overwrite
+
+
+def _run(args: argparse.Namespace) -> None:
+    given = _given(args, strategy=args.strategy, seed=args.seed,
+                   strategy_args=_key_values(args.strategy_arg, "--strategy-arg") or None)
+    out, resume, overwrite = _folder_flags(args, given.get("out"))
+    if resume:
+        if out is None:
+            raise ValueError("--resume needs the run folder: --resume DIR, or --out DIR --resume")
+        config = _resume_config(out, given)
+    else:
+        config = RunConfig.from_dict({**given, **({"out": out} if out else {})})
+    results = run_benchmark(config, resume=resume, overwrite=overwrite)
+    final = results["final"]
+    if final["acc_sample_weighted"] is None:
+        print(f"nothing to train: the run in {config.out} has no experience")
+        return
+    print(f"final: seen-class acc {final['acc_sample_weighted']:.4f}, task-mean acc {final['acc_task_mean']:.4f}, "
+          f"avg incremental acc {final['avg_incremental_acc']:.4f}, forgetting {final['forgetting']:.4f}, "
+          f"BWT {final['bwt']:.4f} -> {config.out}")
+
+
+def _compare(args: argparse.Namespace, strategies: Sequence[str], seeds: Sequence[int],
+             given: Dict[str, Any]) -> None:
+    out, resume, overwrite = _folder_flags(args, given.get("out"))
+    config = RunConfig.from_dict({**given, **({"out": out} if out else {})})
+    comparison = compare(config, strategies, seeds, _per_strategy_args(getattr(args, "strategy_arg", None)),
+                         resume=resume, overwrite=overwrite)
+    print(f"\n{config.benchmark}, seeds {list(seeds)} (results in {config.out}):\n" + compare_table(comparison))
+
+
+def _parse_list(text: str, option: str, cast: type) -> List[Any]:
+    try:
+        items = [cast(s.strip()) for s in text.split(",") if s.strip()]
+    except ValueError as err:
+        raise ValueError(f"{option} expects a comma-separated list of {cast.__name__}s, got {text!r}") from err
+    if not items:
+        raise ValueError(f"{option} needs at least one value, got {text!r}")
+    return items
+
+
+def _continue_hint(args: argparse.Namespace, stop: RunInterrupted) -> str:
+    if args.command == "run":
+        return f"mambacl run --resume {stop.out}"
+    return "the same command with --resume" if args.command == "compare" else "mambacl --resume"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -127,31 +227,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command is None:
-            _run_default()
+            given = {"out": DEFAULT_OUT, "progress": not args.quiet, "verbose": args.verbose}
+            _compare(args, DEFAULT_STRATEGIES, [0], given)
         elif args.command == "list":
             _list()
         elif args.command == "run":
-            if args.resume:
-                saved = json.loads((Path(args.resume) / "results.json").read_text())["config"] \
-                    if (Path(args.resume) / "results.json").is_file() else None
-                if saved is None:
-                    raise FileNotFoundError(f"cannot resume: {Path(args.resume) / 'results.json'} does not exist")
-                config = RunConfig.from_dict({**saved, "out": args.resume, "progress": not args.quiet})
-            else:
-                config = _config(args, strategy=args.strategy, seed=args.seed,
-                                 strategy_args=_key_values(args.strategy_arg, "--strategy-arg") or None)
-            results = run_benchmark(config, resume=bool(args.resume))
-            final = results["final"]
-            print(f"final: seen-class acc {final['acc_sample_weighted']:.4f}, task-mean acc "
-                  f"{final['acc_task_mean']:.4f}, avg incremental acc {final['avg_incremental_acc']:.4f}, "
-                  f"forgetting {final['forgetting']:.4f}, BWT {final['bwt']:.4f} -> {config.out}")
+            _run(args)
         else:
-            config = _config(args)
-            strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-            comparison = compare(config, strategies, seeds, _per_strategy_args(args.strategy_arg))
-            print(f"\n{config.benchmark}, seeds {seeds} (results in {config.out}):\n" + compare_table(comparison))
-    except (ValueError, FileNotFoundError) as err:
+            _compare(args, _parse_list(args.strategies, "--strategies", str), _parse_list(args.seeds, "--seeds", int),
+                     _given(args))
+    except RunInterrupted as stop:
+        print(f"\nmambacl: interrupted; {stop.done} of {stop.total} experiences of the run in {stop.out} are finished "
+              f"and saved. Continue with: {_continue_hint(args, stop)}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\nmambacl: interrupted before any experience finished", file=sys.stderr)
+        return 130
+    except _EXPECTED as err:
+        if getattr(args, "debug", False):
+            raise
         parser.exit(2, f"mambacl: error: {err}\n")
     return 0
 

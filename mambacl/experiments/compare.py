@@ -9,8 +9,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from mambacl.experiments.checkpoint import latest_manifest
 from mambacl.experiments.config import RunConfig
+from mambacl.experiments.run_folder import atomic_write_text, prepare_run_folder
 from mambacl.experiments.runner import run_benchmark
+from mambacl.strategies.distributed import barrier, is_main_process
 from mambacl.strategies.registry import get_strategy
 
 __all__ = ["compare", "compare_table"]
@@ -19,13 +22,18 @@ _TABLE_METRICS = ("acc_sample_weighted", "acc_task_mean", "avg_incremental_acc",
 
 
 def compare(config: RunConfig, strategies: Sequence[str], seeds: Sequence[int],
-            strategy_args: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Any]:
+            strategy_args: Optional[Dict[str, Dict[str, Any]]] = None, resume: bool = False,
+            overwrite: bool = False) -> Dict[str, Any]:
     """Run each strategy with each seed on ``config.benchmark`` (runs in ``<out>/<strategy>/seed<s>``).
 
     Args:
         config: shared settings (its ``strategy``, ``strategy_args`` and ``seed`` are replaced per run).
         strategies: registered strategy names. seeds: seeds, the same for every strategy.
         strategy_args: optional per-strategy hyper-parameters, ``{name: {hparam: value}}``.
+        resume: continue the comparison in ``config.out``: finished runs are read back, interrupted ones
+            resumed (each must have been started with the same settings), missing ones run.
+        overwrite: replace a comparison already in ``config.out``. Without either flag a folder holding a
+            comparison (or any of its runs) is refused before anything trains.
 
     Returns:
         ``{"benchmark", "seeds", "runs": {strategy: [final metrics per seed]}, "summary": {strategy:
@@ -33,33 +41,44 @@ def compare(config: RunConfig, strategies: Sequence[str], seeds: Sequence[int],
     """
     if not strategies or not seeds:
         raise ValueError("compare needs at least one strategy and one seed")
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the comparison, or replace it")
     for name in strategies:
         get_strategy(name)
+    unknown = sorted(set(strategy_args or {}) - set(strategies))
+    if unknown:
+        raise ValueError(f"--strategy-arg names strategies {unknown} that are not compared ({list(strategies)})")
+    out = Path(config.out)
+    plan = [dataclasses.replace(config, strategy=name, seed=int(seed), strategy_args=(strategy_args or {}).get(name, {}),
+                                out=str(out / name / f"seed{seed}")) for name in strategies for seed in seeds]
+    mode = "resume" if resume else "overwrite" if overwrite else "new"
+    if is_main_process():
+        prepare_run_folder(out, mode, what="comparison", runs=[Path(run.out) for run in plan])
+    barrier()
     runs: Dict[str, List[Dict[str, Any]]] = {}
-    for name in strategies:
-        for seed in seeds:
-            run = dataclasses.replace(config, strategy=name, seed=int(seed),
-                                      strategy_args=(strategy_args or {}).get(name, {}),
-                                      out=str(Path(config.out) / name / f"seed{seed}"))
-            result = run_benchmark(run)
-            runs.setdefault(name, []).append({**result["final"], "time_s": result["timings"]["train_s"]})
+    for run in plan:
+        result = run_benchmark(run, resume=resume and latest_manifest(run.out) is not None)
+        runs.setdefault(run.strategy, []).append({**result["final"], "time_s": result["timings"]["train_s"]})
     summary = {name: {m: (float(np.mean([r[m] for r in rs])), float(np.std([r[m] for r in rs])))
                       for m in (*_TABLE_METRICS, "time_s")} for name, rs in runs.items()}
     comparison = {"benchmark": config.benchmark, "seeds": [int(s) for s in seeds], "runs": runs, "summary": summary}
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(comparison, indent=2))
-    (out / "compare.md").write_text(compare_table(comparison) + "\n")
+    if is_main_process():
+        atomic_write_text(out / "compare.json", json.dumps(comparison, indent=2))
+        atomic_write_text(out / "compare.md", compare_table(comparison) + "\n")
     return comparison
 
 
-
 def compare_table(comparison: Dict[str, Any]) -> str:
-    """Markdown table of :func:`compare`'s summary (mean ± std over seeds)."""
+    """Markdown table of :func:`compare`'s summary (mean ± std over seeds; the value alone with one seed)."""
     header = ["strategy", *_TABLE_METRICS, "train time (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, stats in comparison["summary"].items():
-        cells = [f"{m:.4f} ± {s:.4f}" if not math.isnan(m) else "n/a"
-                 for m, s in (stats[k] for k in _TABLE_METRICS)]
+        cells = [_cell(mean, std, len(comparison["seeds"])) for mean, std in (stats[k] for k in _TABLE_METRICS)]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {stats['time_s'][0]:.1f} |")
     return "\n".join(lines)
+
+
+def _cell(mean: float, std: float, n_seeds: int) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.4f}" if n_seeds == 1 else f"{mean:.4f} ± {std:.4f}"

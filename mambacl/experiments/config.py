@@ -1,17 +1,107 @@
-"""RunConfig: one run of ``mambacl run``, the keys of a YAML/JSON config file."""
+"""RunConfig: one run of ``mambacl run``, the keys of a YAML/JSON config file, every field type-checked.
+
+YAML files and ``key=value`` options are read with YAML 1.2 number rules (:func:`load_yaml`), so ``1e-4`` is
+a float, not the string PyYAML's 1.1 rules make of it. :meth:`RunConfig.fingerprint` identifies a run by every
+field that changes its results; ``HARMLESS_KEYS`` (device, output, console) may differ when a run resumes.
+"""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import yaml
 
 from mambacl.strategies.registry import unknown_name_error
 
-__all__ = ["RunConfig"]
+__all__ = ["RunConfig", "HARMLESS_KEYS", "AUTOCAST", "load_yaml"]
+
+AUTOCAST = ("bf16", "fp16")
+# keys a resumed run may change: where it runs and what it prints, never what it computes
+HARMLESS_KEYS = ("device", "out", "progress", "verbose", "num_workers")
+_DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-4``, ``1E5`` and ``.5e-3`` as floats (YAML 1.2), like JSON and Python do."""
+
+
+# appended after PyYAML's own int/float resolvers, so it only catches what they miss (1e-4, 5E3)
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                    re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$"),
+                                    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text with YAML 1.2 float rules (``1e-4`` -> 0.0001); everything else as ``yaml.safe_load``."""
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"config key {name!r} must be a positive int, got {value!r} ({_type_name(value)})")
+
+
+def _non_negative_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"config key {name!r} must be an int >= 0, got {value!r} ({_type_name(value)})")
+
+
+def _number(name: str, value: Any, positive: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0 or (positive and value == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"config key {name!r} must be a finite number {bound}, got {value!r} ({_type_name(value)})")
+
+
+def _flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"config key {name!r} must be true or false, got {value!r} ({_type_name(value)})")
+
+
+def _text(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"config key {name!r} must be a non-empty string, got {value!r} ({_type_name(value)})")
+
+
+def _optional_text(name: str, value: Any) -> None:
+    if value is not None:
+        _text(name, value)
+
+
+def _mapping(name: str, value: Any) -> None:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise TypeError(f"config key {name!r} must be a mapping of names to values, got {_type_name(value)}")
+
+
+def _device(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not _DEVICE.match(value):
+        raise ValueError(f"config key {name!r} must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {value!r}")
+
+
+def _autocast(name: str, value: Any) -> None:
+    if value is not None and value not in AUTOCAST:
+        raise ValueError(f"config key {name!r} must be null or one of {AUTOCAST}, got {value!r}")
+
+
+_RULES: Dict[str, Callable[[str, Any], None]] = {
+    "benchmark": _text, "benchmark_args": _mapping, "strategy": _text, "strategy_args": _mapping,
+    "model": _optional_text, "model_args": _mapping, "pretrained": _optional_text,
+    "epochs": _positive_int, "lr": lambda n, v: _number(n, v, positive=True),
+    "weight_decay": lambda n, v: _number(n, v, positive=False), "batch_size": _positive_int,
+    "eval_batch_size": _positive_int, "device": _device, "seed": _non_negative_int, "out": _text,
+    "tensorboard": _flag, "progress": _flag, "verbose": _flag, "num_workers": _non_negative_int,
+    "autocast": _autocast,
+}
 
 
 @dataclass
@@ -24,14 +114,18 @@ class RunConfig:
         model, model_args: timm model name (None: the benchmark's default) and extra ``create_model`` kwargs.
         pretrained: local checkpoint file for the backbone (``pretrained_file``).
         epochs, lr, weight_decay, batch_size, eval_batch_size: training settings shared by all strategies.
-        device: torch device. seed: seeds python/numpy/torch at the start.
-        out: run folder (results, checkpoint, logs); default ``mambacl_runs/<benchmark>_<strategy>_seed<seed>``.
+        device: 'cpu', 'cuda', 'cuda:N' or 'mps'; it must be available when the run starts.
+        seed: seeds python/numpy/torch at the start (int >= 0).
+        out: run folder (results, checkpoints, logs); default ``mambacl_runs/<benchmark>_<strategy>_seed<seed>``.
         tensorboard: also write TensorBoard logs.
-        progress: Avalanche's interactive logger (tqdm bars) on stdout.
+        progress: progress bars on stdout (one per experience; with ``verbose``, Avalanche's interactive logger).
+        verbose: Avalanche's interactive logger (every metric of every evaluation, a bar per epoch).
+        num_workers: DataLoader worker processes per rank.
         autocast: None, 'bf16' or 'fp16' mixed-precision forward (for GPUs; see DistributedPlugin).
 
     Under ``torchrun`` the run is data-parallel (see ``mambacl.strategies.distributed``): ``batch_size`` and
     ``eval_batch_size`` are global, every rank must get the same config, and rank 0 alone logs and writes files.
+    Every field is checked on construction: wrong types and out-of-range values raise an error naming the key.
     """
 
     benchmark: str = "split_digits"
@@ -51,26 +145,25 @@ class RunConfig:
     out: Optional[str] = None
     tensorboard: bool = False
     progress: bool = True
+    verbose: bool = False
+    num_workers: int = 0
     autocast: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.out is None:
             self.out = f"mambacl_runs/{self.benchmark}_{self.strategy}_seed{self.seed}"
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        for name in ("benchmark_args", "strategy_args", "model_args"):
-            if not isinstance(getattr(self, name), dict):
-                raise TypeError(f"{name} must be a mapping, got {type(getattr(self, name)).__name__}")
+        for f in dataclasses.fields(self):
+            _RULES[f.name](f.name, getattr(self, f.name))
+        if isinstance(self.lr, int):
+            self.lr = float(self.lr)
+        if isinstance(self.weight_decay, int):
+            self.weight_decay = float(self.weight_decay)
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "RunConfig":
         """Build from a mapping; a key that is not a field (e.g. a misspelling) raises a ValueError."""
         if not isinstance(data, dict):
-            raise TypeError(f"a run config must be a mapping, got {type(data).__name__}")
+            raise TypeError(f"a run config must be a mapping, got {_type_name(data)}")
         names = [f.name for f in dataclasses.fields(cls)]
         for key in data:
             if key not in names:
@@ -84,7 +177,23 @@ class RunConfig:
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         text = path.read_text()
-        return cls.from_dict((json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)) or {})
+        try:
+            data = json.loads(text) if path.suffix == ".json" else load_yaml(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as err:
+            raise ValueError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
+                             f"{err}") from err
+        return cls.from_dict(data or {})
 
     def to_dict(self) -> Dict[str, Any]:
+        """The fields as plain data (what results.json and checkpoints store)."""
         return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """sha256 of every field that changes the run's results (all but ``HARMLESS_KEYS``)."""
+        defining = {k: v for k, v in self.to_dict().items() if k not in HARMLESS_KEYS}
+        return hashlib.sha256(json.dumps(defining, sort_keys=True, default=repr).encode()).hexdigest()
+
+    def differing_keys(self, other: "RunConfig") -> Dict[str, tuple]:
+        """``{key: (self's value, other's value)}`` for the result-changing keys where the two differ."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return {k: (mine[k], theirs[k]) for k in mine if k not in HARMLESS_KEYS and mine[k] != theirs[k]}

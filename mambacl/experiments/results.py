@@ -15,7 +15,9 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["accuracy_matrix", "summarize", "write_results", "CSV_COLUMNS"]
+from mambacl.experiments.run_folder import atomic_write_text
+
+__all__ = ["accuracy_matrix", "summarize", "write_results", "read_results", "CSV_COLUMNS"]
 
 CSV_COLUMNS = ("experience", "classes", "acc_stream", "acc_task_mean", "forgetting", "bwt", "train_s", "eval_s")
 
@@ -47,12 +49,6 @@ def summarize(rows: Sequence[Dict[str, Any]]) -> Dict[str, Optional[float]]:
             "forgetting": last["forgetting"], "bwt": last["bwt"]}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _plot(results: Dict[str, Any], out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -61,8 +57,14 @@ def _plot(results: Dict[str, Any], out: Path) -> None:
     matrix = np.array([[math.nan if v is None else v for v in row] for row in results["accuracy_matrix"]], float)
     fig, ax = plt.subplots(figsize=(1.2 + 0.5 * matrix.shape[1], 1.0 + 0.5 * matrix.shape[0]))
     im = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
+    for (i, j), value in np.ndenumerate(matrix):
+        if not math.isnan(value):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                    color="black" if value > 0.6 else "white")
+    ax.set_xticks(range(matrix.shape[1]), [str(j + 1) for j in range(matrix.shape[1])])
+    ax.set_yticks(range(matrix.shape[0]), [str(i + 1) for i in range(matrix.shape[0])])
     ax.set_xlabel("test experience")
-    ax.set_ylabel("after training step")
+    ax.set_ylabel("after training experience")
     ax.set_title(f"{results['config']['strategy']} on {results['config']['benchmark']}")
     fig.colorbar(im, ax=ax, label="accuracy")
     fig.tight_layout()
@@ -73,6 +75,7 @@ def _plot(results: Dict[str, Any], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(steps, [r["acc_stream"] for r in results["experiences"]], "o-", label="seen classes (sample-weighted)")
     ax.plot(steps, [r["acc_task_mean"] for r in results["experiences"]], "s--", label="mean over experiences")
+    ax.set_xticks(steps)
     ax.set_xlabel("experiences trained")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
@@ -86,7 +89,7 @@ def write_results(results: Dict[str, Any], out: Union[str, Path], plots: bool = 
     """Write ``results.json``, ``results.csv`` and (with ``plots``) the two PNGs into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     tmp = out / "results.csv.tmp"
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
@@ -96,3 +99,13 @@ def write_results(results: Dict[str, Any], out: Union[str, Path], plots: bool = 
     os.replace(tmp, out / "results.csv")
     if plots and results["experiences"]:
         _plot(results, out)
+
+
+def read_results(out: Union[str, Path]) -> Optional[Dict[str, Any]]:
+    """The ``results.json`` of run folder ``out``, or None when there is none (or it is unreadable)."""
+    path = Path(out) / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return results if isinstance(results, dict) else None

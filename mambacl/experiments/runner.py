@@ -3,13 +3,17 @@
 ``run_benchmark(config)`` is argparse-free. Its steps are separate functions so other front ends (a DDP
 launcher, notebooks) can reuse them: :func:`build_backbone`, :func:`make_evaluator`, :func:`run_benchmark`
 (train each experience, evaluate on the test experiences seen so far, record, checkpoint, write results).
+
+A run never loses a finished experience: the checkpoint after experience k is complete (verified manifest)
+before the results files are rewritten, a resumed run first rewrites results that are missing or stale, and
+an interrupted run (Ctrl-C, a NaN loss, a kill) leaves the last checkpoint intact.
 """
 from __future__ import annotations
 
 import platform
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import avalanche
 import numpy as np
@@ -22,21 +26,60 @@ from avalanche.training.plugins import EvaluationPlugin
 from torch import nn
 
 import mambacl
-from mambacl.experiments.checkpoint import load_checkpoint, restore_strategy, save_checkpoint
 from mambacl.benchmarks.registry import create_benchmark, get_benchmark
+from mambacl.experiments.checkpoint import CheckpointError, load_latest_checkpoint, save_checkpoint
 from mambacl.experiments.config import RunConfig
-from mambacl.experiments.results import accuracy_matrix, summarize, write_results
-from mambacl.strategies.distributed import (barrier, check_batch_divisible, check_replicas_in_sync,
+from mambacl.experiments.console import ExperienceProgress
+from mambacl.experiments.results import accuracy_matrix, read_results, summarize, write_results
+from mambacl.experiments.run_folder import prepare_run_folder
+from mambacl.experiments.strategy_state import decode_metrics, restore_strategy, strategy_state
+from mambacl.strategies.distributed import (barrier, broadcast_object, check_batch_divisible, check_replicas_in_sync,
                                             check_same_config, init_distributed, is_main_process, local_device,
                                             world_size)
-from mambacl.strategies.plugins import DistributedPlugin
+from mambacl.strategies.plugins import DistributedPlugin, FiniteLossPlugin
 from mambacl.strategies.registry import TrainSetup, create_strategy, get_strategy
 
-__all__ = ["build_backbone", "make_evaluator", "run_benchmark"]
+__all__ = ["RunInterrupted", "build_backbone", "make_evaluator", "resolve_device", "run_benchmark"]
 
 _STREAM = "eval_phase/test_stream"
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; ``out`` and ``done`` (finished experiences, all saved) say where it stopped."""
+
+    def __init__(self, out: str, done: int, total: int) -> None:
+        super().__init__(f"interrupted after {done} of {total} experiences")
+        self.out, self.done, self.total = out, done, total
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for ``name``, which must be available here (this process's GPU under torchrun).
+
+    Raises:
+        ValueError naming the device and listing the available ones.
+    """
+    available = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        available.append("mps")
+    if name == "cuda" and torch.cuda.is_available():
+        return local_device()
+    if name == "cpu" or name in available:
+        return torch.device(name)
+    raise ValueError(f"device {name!r} is not available here (torch {torch.__version__}, CUDA available: "
+                     f"{torch.cuda.is_available()}); available devices: {', '.join(available)}")
+
+
+def _on_main_process(action: Callable[[], None]) -> None:
+    """Run ``action`` on rank 0 only and raise its error (if any) on every rank."""
+    error: Optional[BaseException] = None
+    if is_main_process():
+        try:
+            action()
+        except (OSError, ValueError, TypeError) as err:
+            error = err
+    error = broadcast_object(error)
+    if error is not None:
+        raise error
 
 
 def build_backbone(config: RunConfig, input_shape: Sequence[int]) -> nn.Module:
@@ -71,12 +114,16 @@ def _default_metrics() -> List[Any]:
 
 
 def make_evaluator(config: RunConfig, metrics: Optional[List[Any]] = None) -> EvaluationPlugin:
-    """EvaluationPlugin with accuracy (experience + stream), epoch loss, forgetting and BWT, and the loggers.
+    """EvaluationPlugin with accuracy (experience + stream), epoch loss, forgetting and BWT, and the loggers:
+    one progress bar per experience (``progress``), Avalanche's InteractiveLogger instead with ``verbose``,
+    TensorBoard with ``tensorboard``; rank 0 only.
 
     Args:
         metrics: metric objects to reuse (restored from a checkpoint); fresh ones when None.
     """
-    loggers = [InteractiveLogger()] if config.progress and is_main_process() else []
+    loggers: List[Any] = []
+    if config.progress and is_main_process():
+        loggers.append(InteractiveLogger() if config.verbose else ExperienceProgress(config.strategy))
     if config.tensorboard and is_main_process():
         loggers.append(TensorboardLogger(Path(config.out) / "tensorboard"))
     return EvaluationPlugin(*(metrics if metrics is not None else _default_metrics()), loggers=loggers)
@@ -98,34 +145,48 @@ def _step_record(step: int, classes: List[int], metrics: Dict[str, Any], n_seen:
             "train_s": round(train_s, 3), "eval_s": round(eval_s, 3)}
 
 
-def run_benchmark(config: RunConfig, resume: bool = False, stop_after: Optional[int] = None) -> Dict[str, Any]:
+def run_benchmark(config: RunConfig, resume: bool = False, stop_after: Optional[int] = None,
+                  overwrite: bool = False) -> Dict[str, Any]:
     """Train ``config.strategy`` over ``config.benchmark`` and return (and write to ``config.out``) the results.
 
     After each training step the model is evaluated on the test experiences seen so far; the step's metrics
-    are recorded, a checkpoint is saved atomically and the result files are rewritten.
+    are recorded, a verified checkpoint is saved and the result files are rewritten.
 
     Args:
         config: the run.
-        resume: continue from ``<out>/checkpoint.pt`` after its last finished experience.
+        resume: continue after the last finished experience of the run in ``config.out``; its checkpoints must
+            have been written with this config (up to ``HARMLESS_KEYS``), else a CheckpointError.
         stop_after: stop once this many experiences are finished (an interrupted run; resume continues it).
+        overwrite: replace a run already in ``config.out``; without it (and without ``resume``) such a folder
+            is refused with a RunFolderError.
     Returns:
-        the contents of ``results.json``: config, versions, class order, per-experience records,
+        the contents of ``results.json``: config, versions, device, class order, per-experience records,
         accuracy matrix, final metrics (see :func:`mambacl.experiments.results.summarize`) and timings.
+    Raises:
+        RunInterrupted on Ctrl-C; NonFiniteLossError on a NaN/inf loss (the last checkpoint stays intact).
     """
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the run, or replace it")
     init_distributed()  # torchrun: join the process group; a plain process runs alone
     check_same_config(config.to_dict())
     check_batch_divisible(config.batch_size, name="batch_size")
+    device = resolve_device(config.device)
     out = Path(config.out)
     spec = get_strategy(config.strategy)
-    state = load_checkpoint(out) if resume else None
+    manifest, state = load_latest_checkpoint(out, config) if resume else (None, None)
+    if resume:
+        _check_results_belong(out, config)
+    _on_main_process(lambda: prepare_run_folder(out, "resume" if resume else "overwrite" if overwrite else "new"))
+    barrier()
     RNGManager.set_random_seeds(config.seed)
     bench = create_benchmark(config.benchmark, **config.benchmark_args)
     backbone = build_backbone(config, bench.train_stream[0].dataset[0][0].shape)
-    evaluator = make_evaluator(config, state["metrics"] if state else None)
+    evaluator = make_evaluator(config, decode_metrics(state["metrics"]) if state else None)
     setup = TrainSetup(backbone=backbone, lr=config.lr, weight_decay=config.weight_decay, epochs=config.epochs,
-                       train_mb_size=config.batch_size, eval_mb_size=config.eval_batch_size,
-                       device=local_device() if config.device == "cuda" else torch.device(config.device),
-                       evaluator=evaluator, plugins=[DistributedPlugin(seed=config.seed, autocast=config.autocast)])
+                       train_mb_size=config.batch_size, eval_mb_size=config.eval_batch_size, device=device,
+                       evaluator=evaluator,
+                       plugins=[DistributedPlugin(seed=config.seed, autocast=config.autocast,
+                                                  num_workers=config.num_workers), FiniteLossPlugin()])
     strategy = create_strategy(config.strategy, setup, **config.strategy_args)
     # a joint strategy trains once on the whole stream and is evaluated on all of it
     steps = [bench.train_stream] if spec.joint else list(bench.train_stream)
@@ -133,33 +194,54 @@ def run_benchmark(config: RunConfig, resume: bool = False, stop_after: Optional[
     record = state["record"] if state else {"done": 0, "rows": []}
     if state:
         restore_strategy(strategy, [] if spec.joint else steps[:record["done"]], state)
-    out.mkdir(parents=True, exist_ok=True)
-    results: Dict[str, Any] = {}
+        del state
+    results = _results(config, bench, record, n_test, device)
+    if is_main_process() and manifest is not None:
+        write_results(results, out)  # results missing, or behind the checkpoint after a kill: rewrite them
     last = len(steps) if stop_after is None else min(len(steps), stop_after)
     for i in range(record["done"], last):
-        start = time.perf_counter()
-        strategy.train(steps[i])
-        train_s = time.perf_counter() - start
-        seen = n_test if spec.joint else i + 1
-        metrics = strategy.eval(bench.test_stream[:seen])
+        try:
+            start = time.perf_counter()
+            strategy.train(steps[i])
+            train_s = time.perf_counter() - start
+            seen = n_test if spec.joint else i + 1
+            metrics = strategy.eval(bench.test_stream[:seen])
+        except KeyboardInterrupt:
+            raise RunInterrupted(str(out), record["done"], len(steps)) from None
         classes = sorted({int(c) for e in bench.train_stream[:seen] for c in e.classes_in_this_experience})
         row = _step_record(i, classes, metrics, seen, train_s, time.perf_counter() - start - train_s)
         record = {"done": i + 1, "rows": [*record["rows"], row]}
-        results = _results(config, bench, record, n_test)
+        results = _results(config, bench, record, n_test, device)
         if is_main_process():
             print(f"[{config.strategy}] step {i + 1}/{len(steps)}: seen-class acc {row['acc_stream']:.4f} | "
                   f"task-mean acc {row['acc_task_mean']:.4f} | forgetting {row['forgetting']:.4f} | "
                   f"train {train_s:.1f}s eval {row['eval_s']:.1f}s", flush=True)
-            save_checkpoint(out, strategy, record, evaluator.metrics)
+            save_checkpoint(out, strategy_state(strategy, evaluator.metrics), record, config, _versions())
             write_results(results, out)
         barrier()
     check_replicas_in_sync(strategy.model)
-    return results or _results(config, bench, record, n_test)
+    return results
 
 
-def _results(config: RunConfig, bench: Any, record: Dict[str, Any], n_test: int) -> Dict[str, Any]:
+def _check_results_belong(out: Path, config: RunConfig) -> None:
+    """A results.json left in ``out`` must be this run's (its checkpoints were matched already)."""
+    saved = read_results(out)
+    if saved is None:
+        return
+    try:
+        differing = RunConfig.from_dict(saved["config"]).differing_keys(config)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{out / 'results.json'} has no valid run config ({err}); it is not this run's") from err
+    if differing:
+        raise CheckpointError(f"{out / 'results.json'} belongs to another run than the checkpoints in {out}: their "
+                              f"configs differ in {sorted(differing)}")
+
+
+def _results(config: RunConfig, bench: Any, record: Dict[str, Any], n_test: int,
+             device: torch.device) -> Dict[str, Any]:
     rows = record["rows"]
-    return {"config": config.to_dict(), "versions": _versions(), "seed": config.seed, "world_size": world_size(),
+    return {"config": config.to_dict(), "fingerprint": config.fingerprint(), "versions": _versions(),
+            "seed": config.seed, "device": str(device), "world_size": world_size(),
             "class_order": [int(c) for c in getattr(bench, "class_order", [])],
             "n_experiences": n_test, "finished": record["done"], "experiences": rows,
             "accuracy_matrix": accuracy_matrix(rows, n_test), "final": summarize(rows),

@@ -21,13 +21,14 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 from avalanche.core import BasePlugin
-from avalanche.training import EWC, JointTraining, LwF, Naive, Replay
+from avalanche.training import EWC, JointTraining, LwF, Naive
 from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
 from mambacl.strategies.distributed import check_batch_divisible, world_size
 from mambacl.strategies.heads import ContinualClassifier
+from mambacl.strategies.storage import IndexedExperienceBalancedBuffer
 from mambacl.strategies.wrappers import AdamNSCL, MambaCL
 
 __all__ = ["unknown_name_error", "TrainSetup", "StrategySpec", "register_strategy", "get_strategy", "list_strategies", "create_strategy",
@@ -230,8 +231,9 @@ def lwf(setup: TrainSetup, *, alpha: float = 1.0, temperature: float = 2.0) -> S
 
 @register_strategy("replay")
 def replay(setup: TrainSetup, *, mem_size: int = 200) -> SupervisedTemplate:
-    """Experience replay with an experience-balanced buffer (Avalanche Replay): each batch is ``batch_size``
-    current samples plus ``batch_size`` stored ones.
+    """Experience replay with an experience-balanced buffer (Avalanche's ReplayPlugin on a Naive template): each
+    batch is ``batch_size`` current samples plus ``batch_size`` stored ones. The buffer is Avalanche's
+    experience-balanced reservoir, indexed so that checkpoints store sample indices (``strategies.storage``).
 
     Under torchrun Avalanche's replay loader shards both datasets with its own DistributedSampler; each rank
     then draws ``batch_size / world`` of each, so the global batch is the single-process one.
@@ -240,12 +242,13 @@ def replay(setup: TrainSetup, *, mem_size: int = 200) -> SupervisedTemplate:
         mem_size: total number of stored samples.
     """
     model = setup.classifier("incremental")
-    strategy = Replay(model=model, optimizer=setup.optimizer(model), mem_size=mem_size, **setup.template_kwargs())
+    kwargs = setup.template_kwargs()
+    replay_plugin = ReplayPlugin(mem_size, storage_policy=IndexedExperienceBalancedBuffer(mem_size))
+    kwargs["plugins"].append(replay_plugin)
+    strategy = Naive(model=model, optimizer=setup.optimizer(model), **kwargs)
     if world_size() > 1:
-        per_rank = check_batch_divisible(setup.train_mb_size, name="batch size")
-        for plugin in strategy.plugins:
-            if isinstance(plugin, ReplayPlugin):
-                plugin.batch_size = plugin.batch_size_mem = per_rank
+        replay_plugin.batch_size = replay_plugin.batch_size_mem = check_batch_divisible(setup.train_mb_size,
+                                                                                        name="batch size")
         strategy.shards_own_loader = True  # for DistributedPlugin: keep the replay loader, DDP-wrap the model
     return strategy
 

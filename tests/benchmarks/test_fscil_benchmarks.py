@@ -192,6 +192,7 @@ def test_cub200_from_generated_folder_and_lists(tmp_path):
 def test_registered_fscil_benchmarks_run_through_the_runner(cifar_root, tmp_path):
     from mambacl.benchmarks import list_benchmarks
     from mambacl.experiments import RunConfig, run_benchmark
+    from mambacl.experiments.checkpoint import load_latest_checkpoint
 
     assert {"fscil_cifar100", "fscil_mini_imagenet", "fscil_cub200"} <= set(list_benchmarks())
     config = RunConfig(benchmark="fscil_cifar100", benchmark_args=dict(root=str(cifar_root), spec=vars(SMALL)),
@@ -211,8 +212,8 @@ def test_registered_fscil_benchmarks_run_through_the_runner(cifar_root, tmp_path
     resumed = run_benchmark(part, resume=True)
     for row, again in zip(rows, resumed["experiences"]):
         assert again["acc_per_exp"] == pytest.approx(row["acc_per_exp"], abs=1e-6)
-    full = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
-    after = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)
+    _, full = load_latest_checkpoint(tmp_path / "run", config)
+    _, after = load_latest_checkpoint(tmp_path / "part", part)
     for name, value in full["model"].items():
         torch.testing.assert_close(after["model"][name], value, rtol=1e-5, atol=1e-6, msg=name)
     assert sorted(after["strategy"]["prototypes"]) == list(range(8))

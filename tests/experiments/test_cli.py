@@ -31,11 +31,11 @@ def test_no_arguments_runs_the_default_comparison(tmp_path, monkeypatch, capsys)
     calls = []
     real_compare = cli.compare
 
-    def small_compare(config, strategies, seeds, strategy_args=None):
+    def small_compare(config, strategies, seeds, strategy_args=None, **folder):
         calls.append((config.benchmark, tuple(strategies), tuple(seeds)))
         config = dataclasses.replace(config, epochs=1, progress=False, out=str(tmp_path / "default"),
                                      benchmark_args={"n_experiences": 2, "max_per_class": 6})
-        return real_compare(config, strategies, seeds, strategy_args)
+        return real_compare(config, strategies, seeds, strategy_args, **folder)
     monkeypatch.setattr(cli, "compare", small_compare)
     assert main([]) == 0
     assert calls == [("split_digits", ("mambacl", "naive"), (0,))]
@@ -68,7 +68,7 @@ def test_run_writes_results_csv_plots_and_tensorboard(tmp_path, capsys):
     assert any((out / "tensorboard").rglob("events.out.tfevents*"))
 
 
-@pytest.mark.parametrize("strategy", ["mambacl", "ewc"])
+@pytest.mark.parametrize("strategy", ["mambacl", "ewc", "lwf", "replay"])
 def test_resume_gives_the_same_results_as_an_uninterrupted_run(tmp_path, strategy):
     from mambacl.experiments import RunConfig, run_benchmark
     config = RunConfig(strategy=strategy, epochs=1, progress=False,
@@ -76,7 +76,7 @@ def test_resume_gives_the_same_results_as_an_uninterrupted_run(tmp_path, strateg
     full = run_benchmark(dataclasses.replace(config, out=str(tmp_path / "full")))
     part = dataclasses.replace(config, out=str(tmp_path / "part"))
     interrupted = run_benchmark(part, stop_after=1)
-    assert interrupted["finished"] == 1 and (tmp_path / "part" / "checkpoint.pt").is_file()
+    assert interrupted["finished"] == 1 and (tmp_path / "part" / "checkpoints" / "exp001.pt").is_file()
     assert main(["run", "--resume", str(tmp_path / "part"), "--quiet"]) == 0
     resumed = json.loads((tmp_path / "part" / "results.json").read_text())
     assert resumed["finished"] == 2 and len(resumed["experiences"]) == 2

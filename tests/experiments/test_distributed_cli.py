@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from mambacl.experiments import RunConfig
+from mambacl.experiments.checkpoint import load_latest_checkpoint
+
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 420
 # 2 experiences of 5 digit classes, one epoch, global batch 32 (16 per rank); 2x2 patches of 4x4 px to keep it quick
@@ -50,8 +53,8 @@ def run(procs: int, *args: str) -> str:
 
 
 def final_state(out: Path) -> tuple:
-    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
     results = json.loads((out / "results.json").read_text())
+    _, ckpt = load_latest_checkpoint(out, RunConfig.from_dict(results["config"]))
     return ckpt["model"], results
 
 
