@@ -150,3 +150,15 @@ def test_dt_init_is_log_spaced_for_defocus_and_random_for_mamba():
     mamba = [MambaBranch(32).dt_proj.bias for _ in range(2)]
     defocus = [DefocusBranch(32, group_size=8).dt_proj.bias for _ in range(2)]
     assert not torch.equal(*mamba) and torch.equal(*defocus)
+
+
+def test_full_width_block_at_192px_matches_direct_computation(direct):
+    """One block at the real sizes (145 tokens, d_inner 2048, 32 groups of 64, dt_rank 48)."""
+    model = timm.create_model("defocus_mamba_large_patch16_192", depth=1, num_classes=0).eval()
+    mixer, seen = model.layers[0].mixer, {}
+    mixer.register_forward_hook(lambda m, inp, out: seen.update(hidden=inp[0], out=out))
+    with torch.no_grad():
+        feats = model.forward_features(torch.randn(1, 3, 192, 192))
+    assert feats.shape == (1, 145, 1024) and seen["hidden"].shape == (1, 145, 1024)
+    expected, _ = direct(mixer, seen["hidden"].double())
+    torch.testing.assert_close(seen["out"].double(), expected, rtol=1e-4, atol=1e-5)
