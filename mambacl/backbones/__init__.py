@@ -1,7 +1,10 @@
 """Vision Mamba backbones and sequence mixers on the ``mambacl.kernels`` scans.
 
 Importing this package registers the Vim family with timm (``vim_{tiny,small,base}_patch16_224``,
-``*_stride8``, ``longhorn_vim_*``, ``test_vim``, ``test_longhorn_vim``).
+``*_stride8``, ``longhorn_vim_*``, ``test_vim``, ``test_longhorn_vim``) and De-focus Mamba, the backbone of
+Mamba-CL (``defocus_mamba_large_patch16_192``, ``test_defocus_mamba``). ``timm.create_model(name,
+pretrained_file=PATH)`` loads the official checkpoint layouts; every model loaded from a file carries
+``model.pretrained_source = str(PATH)``.
 
 Mixer interface (for new mixers, e.g. B'MOJO / GD-SSM):
     - ``MixerCls(d_model, *, d_state, expand, bidirectional, scan_impl)`` accepting at least those keywords;
@@ -13,9 +16,11 @@ Mixer interface (for new mixers, e.g. B'MOJO / GD-SSM):
 
 Taps (:class:`Tap` identity modules; register a forward hook to read, ``tap.active`` iff hooked):
     ``SSMBranch.tap_x``        x after conv+SiLU, ``[b, L, d_inner]`` in the branch's own token order;
-    ``SSMBranch.tap_delta``    delta after softplus (Longhorn: step eps), ``[b, L, d_inner]``, only when hooked;
+    ``SSMBranch.tap_delta``    the step entering the scan: delta after softplus (De-focus: also divided by its
+                               delta_scale_factor; Longhorn: step eps), ``[b, L, d_inner]``, only when hooked;
     ``SSMBranch.tap_delta_x``  ``F[b, i, :] = sum_t delta[b, t, i] x[b, t, :]``, ``[b, d_inner, d_inner]``, only when hooked;
-    ``SSMMixer.tap_out``       out_proj input ``[b, L, d_inner]`` ((y_f + flip(y_b)) / 2 when bidirectional).
+    ``SSMMixer.tap_out``       out_proj input ``[b, L, d_inner]`` ((y_f + flip(y_b)) / 2 when bidirectional;
+                               De-focus: the gated, group-normalised scan output).
 """
 from .longhorn import LonghornBranch, LonghornMixer
 from .mamba import (
@@ -32,11 +37,13 @@ from .taps import Tap, record_taps
 from .gdssm import GDSSMLayer, GDSSMMixer
 from .bmojo import BMojoLayer, BMojoMixer
 from .seq_lm import SeqLM
-from .vim import VisionMamba, checkpoint_filter_fn, load_checkpoint
+from .checkpoint import load_checkpoint
+from .vim import VisionMamba, checkpoint_filter_fn
+from .defocus import DefocusBranch, DefocusMamba, DefocusMixer
 
 __all__ = [
     "Tap", "record_taps", "SSMBranch", "SSMMixer", "MambaBranch", "MambaMixer", "LonghornBranch", "LonghornMixer",
     "MIXERS", "register_mixer", "no_weight_decay_names", "ssm_param_groups",
-    "VisionMamba", "checkpoint_filter_fn", "load_checkpoint",
+    "VisionMamba", "checkpoint_filter_fn", "load_checkpoint", "DefocusBranch", "DefocusMixer", "DefocusMamba",
     "GDSSMLayer", "GDSSMMixer", "BMojoLayer", "BMojoMixer", "SeqLM",
 ]

@@ -111,11 +111,15 @@ class MambaBranch(SSMBranch):
         bound = dt_rank ** -0.5 * dt_scale
         with torch.no_grad():
             nn.init.uniform_(self.dt_proj.weight, -bound, bound)
-            dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-            dt = dt.clamp(min=dt_init_floor)
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            dt = self.initial_dt(d_inner, dt_min, dt_max).clamp(min=dt_init_floor)
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
         self.A_log._no_weight_decay = True
+
+    @staticmethod
+    def initial_dt(d_inner: int, dt_min: float, dt_max: float) -> torch.Tensor:
+        """Initial per-channel steps ``[d_inner]``: log-uniform in [dt_min, dt_max] (mamba-ssm)."""
+        return torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
 
     def step_size(self, dt: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """``delta = softplus(dt + dt_proj.bias)``, ``[b, L, D]``."""

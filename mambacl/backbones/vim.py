@@ -10,26 +10,35 @@ load from a local file with ``timm.create_model(name, pretrained_file=PATH)`` or
 """
 from __future__ import annotations
 
-import argparse
 import math
 import re
-from functools import partial
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from timm.layers import DropPath, PatchEmbed, RmsNorm, resample_abs_pos_embed, trunc_normal_
-from timm.models import adapt_input_conv, build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import DropPath, LayerNorm, PatchEmbed, RmsNorm, to_2tuple, trunc_normal_
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices  # not re-exported by timm.models
 
+from .checkpoint import build_with_checkpoint, filter_state_dict, register_checkpoint_filter, split_x_proj
 from .mamba import MIXERS, SSMBranch, _check_positive_int, no_weight_decay_names
 from . import longhorn  # noqa: F401  (registers the 'longhorn' mixer)
 
 __all__ = ["VisionMamba"]
 
 CLS_POSITIONS = ("middle", "last", "none")
+POS_EMBEDS = ("learn", "none")
+FINAL_NORMS = {"rmsnorm": RmsNorm, "layernorm": LayerNorm}
+
+
+def _check_img_size(img_size: Union[int, Tuple[int, int]], patch_size: int, stride: int) -> None:
+    """img_size must be covered exactly by the patch grid (no pixel silently dropped)."""
+    size = to_2tuple(img_size)
+    if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < patch_size or (s - patch_size) % stride
+                             for s in size):
+        raise ValueError(f"img_size must be an int or (H, W) of ints >= patch_size {patch_size} with (size - patch_size) "
+                         f"divisible by the stride {stride}, so that the patch grid covers the image; got {img_size!r}")
 
 
 class StridedPatchEmbed(PatchEmbed):
@@ -81,7 +90,11 @@ class VisionMamba(nn.Module):
         drop_path_rate: stochastic depth, rising linearly over the blocks.
         num_classes: head outputs (0 for no head).
         scan_impl: kernel backend, 'auto', 'reference', 'chunk' or 'triton'.
-        norm_eps: RMSNorm epsilon.
+        norm_eps: RMSNorm epsilon of the blocks.
+        pos_embed: 'learn' (absolute position embedding, Vim) or 'none' (De-focus Mamba, positions from RoPE).
+        final_norm: 'rmsnorm' (Vim) or 'layernorm' (De-focus Mamba), applied to the residual stream before the head.
+        final_norm_eps: its epsilon, defaults to norm_eps.
+        mixer_kwargs: extra constructor keywords of the mixer (e.g. dt_rank, group_size).
 
     Examples:
         >>> model = VisionMamba(img_size=8, patch_size=2, in_chans=1, depth=1, embed_dim=16, num_classes=10)
@@ -94,16 +107,22 @@ class VisionMamba(nn.Module):
                  d_state: int = 16, expand: int = 2, mixer: str = "mamba", bidirectional: bool = True,
                  cls_token_position: str = "middle", drop_rate: float = 0.0, pos_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, num_classes: int = 1000, scan_impl: str = "auto",
-                 norm_eps: float = 1e-5) -> None:
+                 norm_eps: float = 1e-5, pos_embed: str = "learn", final_norm: str = "rmsnorm",
+                 final_norm_eps: Optional[float] = None, mixer_kwargs: Optional[Dict[str, Any]] = None) -> None:
         super().__init__()
         if mixer not in MIXERS:
             raise ValueError(f"mixer must be one of {sorted(MIXERS)}, got {mixer!r}")
         if cls_token_position not in CLS_POSITIONS:
             raise ValueError(f"cls_token_position must be one of {CLS_POSITIONS}, got {cls_token_position!r}")
+        if pos_embed not in POS_EMBEDS:
+            raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
+        if final_norm not in FINAL_NORMS:
+            raise ValueError(f"final_norm must be one of {tuple(FINAL_NORMS)}, got {final_norm!r}")
         stride = patch_size if stride is None else stride
         for name, value in (("patch_size", patch_size), ("stride", stride), ("depth", depth),
                             ("embed_dim", embed_dim), ("in_chans", in_chans)):
             _check_positive_int(name, value)
+        _check_img_size(img_size, patch_size, stride)
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         self.num_classes = num_classes
@@ -116,17 +135,18 @@ class VisionMamba(nn.Module):
         self.cls_index = {"middle": num_patches // 2, "last": num_patches, "none": None}[cls_token_position]
         self.num_prefix_tokens = 0 if self.cls_index is None else 1
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if self.cls_index is not None else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim))
+        self.pos_embed = (nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim))
+                          if pos_embed == "learn" else None)
         self.pos_drop = nn.Dropout(pos_drop_rate)
 
         # Vim: block i drops the output of block i-1; the final add uses drop_path_rate.
         dpr = [0.0] + [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.layers = nn.ModuleList([
             Block(embed_dim, MIXERS[mixer](embed_dim, d_state=d_state, expand=expand, bidirectional=bidirectional,
-                                           scan_impl=scan_impl), dpr[i], norm_eps)
+                                           scan_impl=scan_impl, **(mixer_kwargs or {})), dpr[i], norm_eps)
             for i in range(depth)])
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
-        self.norm_f = RmsNorm(embed_dim, eps=norm_eps)
+        self.norm_f = FINAL_NORMS[final_norm](embed_dim, eps=norm_eps if final_norm_eps is None else final_norm_eps)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         reduction = self.patch_embed.proj.stride[0]
@@ -135,7 +155,8 @@ class VisionMamba(nn.Module):
 
     def init_weights(self) -> None:
         """Vim/Mamba init: trunc-normal tokens and head, out_proj scaled by 1/sqrt(depth), mixer inits kept."""
-        trunc_normal_(self.pos_embed, std=0.02)
+        if self.pos_embed is not None:
+            trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             trunc_normal_(self.cls_token, std=0.02)
         if isinstance(self.head, nn.Linear):
@@ -178,11 +199,15 @@ class VisionMamba(nn.Module):
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch tokens with the cls token inserted and the position embedding added, ``[b, T, dim]``."""
+        expected = (self.patch_embed.proj.in_channels, *self.patch_embed.img_size)
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be images of shape (batch, {', '.join(map(str, expected))}), got {got}")
         x = self.patch_embed(x)
         if self.cls_token is not None:
             cls = self.cls_token.expand(x.shape[0], -1, -1)
             x = torch.cat([x[:, :self.cls_index], cls, x[:, self.cls_index:]], dim=1)
-        return self.pos_drop(x + self.pos_embed)
+        return self.pos_drop(x if self.pos_embed is None else x + self.pos_embed)
 
     def _block(self, block: Block, hidden: torch.Tensor,
                residual: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -249,94 +274,36 @@ _VIM_MIXER_KEYS = {  # official Vim mixer key -> (branch, native key)
 }
 
 
-def _convert_mixer_key(prefix: str, key: str, value: torch.Tensor, model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Map one official mixer entry (``key`` below ``prefix``) to native names; split x_proj into three."""
-    head, _, tail = key.partition(".")
+def _convert_vim_key(key: str, value: torch.Tensor, model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Map one official Vim entry to native names; split x_proj / x_proj_b into three. Other keys pass."""
+    match = re.match(r"^(layers\.\d+\.mixer\.)(.+)$", key)
+    if not match:
+        return {key: value}
+    prefix, sub = match.groups()
+    head, _, tail = sub.partition(".")
     if head in ("x_proj", "x_proj_b") and tail == "weight":
         branch_name = "fwd" if head == "x_proj" else "bwd"
         try:
             branch = model.get_submodule(prefix + branch_name)
         except AttributeError:
-            return {prefix + key: value}  # left for the unexpected-key check
-        sizes = [branch.dt_rank, branch.d_state, branch.d_state]
-        if value.dim() != 2 or value.shape[0] != sum(sizes):
-            raise ValueError(f"checkpoint {prefix + key} has shape {tuple(value.shape)}, expected "
-                             f"({sum(sizes)}, d_inner) = dt_rank {sizes[0]} + 2 * d_state {sizes[1]} rows")
-        parts = value.split(sizes, dim=0)
-        return {f"{prefix}{branch_name}.x_proj_{s}.weight": p for s, p in zip(("dt", "B", "C"), parts)}
+            return {key: value}  # left for the unexpected-key check
+        return split_x_proj(value, branch, f"{prefix}{branch_name}.", key)
     if head in _VIM_MIXER_KEYS:
         branch_name, native = _VIM_MIXER_KEYS[head]
         return {f"{prefix}{branch_name}.{native}" + (f".{tail}" if tail else ""): value}
-    return {prefix + key: value}
+    return {key: value}
 
 
-def _resample_pos_embed(posemb: torch.Tensor, model: VisionMamba) -> torch.Tensor:
-    """Interpolate a checkpoint pos_embed to the model's grid, keeping the cls row at its layout position."""
-    n_old = posemb.shape[1] - model.num_prefix_tokens
-    side = math.isqrt(n_old)
-    if side * side != n_old or posemb.shape[-1] != model.embed_dim:
-        raise ValueError(f"checkpoint pos_embed has shape {tuple(posemb.shape)}, which is not a square grid of "
-                         f"{model.embed_dim}-dim rows plus {model.num_prefix_tokens} cls row(s)")
-    if model.cls_index is None:
-        return resample_abs_pos_embed(posemb, list(model.patch_embed.grid_size), [side, side], num_prefix_tokens=0)
-    old_index = n_old // 2 if model.cls_token_position == "middle" else n_old
-    cls_row = posemb[:, old_index:old_index + 1]
-    patches = torch.cat([posemb[:, :old_index], posemb[:, old_index + 1:]], dim=1)
-    patches = resample_abs_pos_embed(patches, list(model.patch_embed.grid_size), [side, side], num_prefix_tokens=0)
-    return torch.cat([patches[:, :model.cls_index], cls_row, patches[:, model.cls_index:]], dim=1)
-
-
+@register_checkpoint_filter(VisionMamba)
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: VisionMamba, strict: bool = True) -> Dict[str, torch.Tensor]:
     """Convert an official Vim (or native) state dict for ``model``.
 
     Unwraps ``{'model': ...}``, splits ``x_proj`` / ``x_proj_b`` into x_proj_dt/B/C, renames the ``*_b``
-    backward tensors, adapts the stem to the model's in_chans, resamples ``pos_embed`` to the model's grid
-    and replaces a head of another size by the model's own. Raises ValueError listing missing/unexpected keys (unexpected keys are dropped and
-    missing ones kept at their init when ``strict=False``) and tensors whose shape cannot match.
+    backward tensors, then applies the shared rules of :func:`~mambacl.backbones.checkpoint.filter_state_dict`
+    (stem in_chans, ``pos_embed`` resampled to the model's grid, head replaced when it does not fit, missing /
+    unexpected keys: ValueError when strict, UserWarning otherwise; ValueError for wrong shapes).
     """
-    if isinstance(state_dict.get("model"), dict):
-        state_dict = state_dict["model"]
-    out: Dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        key = key[len("module."):] if key.startswith("module.") else key
-        match = re.match(r"^(layers\.\d+\.mixer\.)(.+)$", key)
-        out.update(_convert_mixer_key(match.group(1), match.group(2), value, model) if match else {key: value})
-
-    own = model.state_dict()
-    stem = out.get("patch_embed.proj.weight")
-    if stem is not None and stem.dim() == 4 and stem.shape[1] != own["patch_embed.proj.weight"].shape[1]:
-        out["patch_embed.proj.weight"] = adapt_input_conv(own["patch_embed.proj.weight"].shape[1], stem, stem.shape[1])
-    if "pos_embed" in out and out["pos_embed"].shape != own["pos_embed"].shape:
-        out["pos_embed"] = _resample_pos_embed(out["pos_embed"], model)
-    for name in ("head.weight", "head.bias"):
-        if name in out and (name not in own or out[name].shape != own[name].shape):
-            del out[name]
-            if name in own:
-                out[name] = own[name]
-
-    missing = sorted(set(own) - set(out))
-    unexpected = sorted(set(out) - set(own))
-    if strict and (missing or unexpected):
-        raise ValueError(f"checkpoint does not match the model: missing keys {missing}, unexpected keys {unexpected}")
-    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in out.items()
-           if k in own and v.shape != own[k].shape]
-    if bad:
-        raise ValueError("checkpoint tensors with wrong shapes: " + "; ".join(bad))
-    return {k: v for k, v in out.items() if k in own}
-
-
-def load_checkpoint(model: VisionMamba, path: Union[str, Path], strict: bool = True) -> VisionMamba:
-    """Load an official Vim (or native) checkpoint file into ``model`` through :func:`checkpoint_filter_fn`.
-
-    The file may hold the DeiT-style training dict (``model``, ``args`` Namespace, ...); only tensors are
-    unpickled (``weights_only``, with argparse.Namespace allowed).
-    """
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state_dict, dict):
-        raise TypeError(f"checkpoint {path} must hold a dict, got {type(state_dict).__name__}")
-    model.load_state_dict(checkpoint_filter_fn(state_dict, model, strict=strict), strict=strict)
-    return model
+    return filter_state_dict(state_dict, model, _convert_vim_key, strict=strict)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
@@ -365,14 +332,7 @@ default_cfgs = generate_default_cfgs({
 
 def _create_vim(variant: str, pretrained: bool = False, **kwargs) -> VisionMamba:
     """Build through timm; ``pretrained_file=PATH`` (and ``pretrained_strict``) loads a local official checkpoint."""
-    pretrained_file = kwargs.pop("pretrained_file", None)
-    strict = kwargs.pop("pretrained_strict", True)
-    model = build_model_with_cfg(VisionMamba, variant, pretrained,
-                                 pretrained_filter_fn=partial(checkpoint_filter_fn, strict=strict),
-                                 pretrained_strict=strict, **kwargs)
-    if pretrained_file is not None:
-        load_checkpoint(model, pretrained_file, strict=strict)
-    return model
+    return build_with_checkpoint(VisionMamba, variant, pretrained, **kwargs)
 
 
 def _vim(variant: str, pretrained: bool, defaults: Dict[str, Any], kwargs: Dict[str, Any]) -> VisionMamba:

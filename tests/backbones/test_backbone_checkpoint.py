@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import mambacl.backbones  # noqa: F401
-from mambacl.backbones import checkpoint_filter_fn
+from mambacl.backbones import checkpoint_filter_fn, load_checkpoint
 
 DIM, DEPTH, N = 32, 2, 16
 D_INNER, R = 2 * DIM, math.ceil(DIM / 16)
@@ -63,8 +63,11 @@ def _check_loaded(model, sd):
 
 def test_official_checkpoint_round_trip(tmp_path, direct):
     sd = official_state_dict(grid=8)
-    model = timm.create_model("test_vim", pretrained_file=_save(tmp_path, sd))
+    path = _save(tmp_path, sd)
+    model = timm.create_model("test_vim", pretrained_file=path)
     _check_loaded(model, sd)
+    assert model.pretrained_source == str(path)
+    assert not hasattr(timm.create_model("test_vim"), "pretrained_source")  # never loaded: no source
     torch.testing.assert_close(model.pos_embed, sd["pos_embed"])
     torch.testing.assert_close(model.head.weight, sd["head.weight"])
     # the loaded mixer computes the official block: check one against the hand-written float64 reference
@@ -82,6 +85,7 @@ def test_timm_pretrained_cfg_overlay_file(tmp_path):
     path = _save(tmp_path, sd, with_args=False)
     model = timm.create_model("test_vim", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     _check_loaded(model, sd)
+    assert model.pretrained_source == str(path)
 
 
 def test_pos_embed_resample_keeps_middle_cls_row(tmp_path):
@@ -133,6 +137,17 @@ def test_missing_and_unexpected_keys(tmp_path):
     with pytest.raises(ValueError, match=r"missing keys \['layers\.0\.mixer\.bwd\.D'\].*unexpected keys "
                                          r"\['layers\.0\.mixer\.extra\.weight'\]"):
         timm.create_model("test_vim", pretrained_file=path)
-    model = timm.create_model("test_vim", pretrained_file=path, pretrained_strict=False)
+    with pytest.warns(UserWarning, match=r"missing keys \['layers\.0\.mixer\.bwd\.D'\].*unexpected keys "
+                                         r"\['layers\.0\.mixer\.extra\.weight'\]"):
+        model = timm.create_model("test_vim", pretrained_file=path, pretrained_strict=False)
     torch.testing.assert_close(model.layers[0].mixer.bwd.D, torch.ones(D_INNER))  # kept at init
     torch.testing.assert_close(model.layers[0].mixer.fwd.D, sd["layers.0.mixer.D"])
+    assert model.pretrained_source == str(path)
+
+
+def test_load_checkpoint_into_an_existing_model_records_the_source(tmp_path):
+    sd = official_state_dict(grid=8)
+    path = _save(tmp_path, sd)
+    model = timm.create_model("test_vim")
+    assert load_checkpoint(model, path) is model and model.pretrained_source == str(path)
+    _check_loaded(model, sd)

@@ -1,4 +1,5 @@
-"""Exactness of the null-space projection on a real (tiny) Vision Mamba trained with AdamW + weight decay.
+"""Exactness of the null-space projection on real (tiny) Vision Mamba and De-focus Mamba backbones trained with
+AdamW + weight decay.
 
 Experience 1 has 4 images x 5 tokens = 20 feature rows of width d_inner = 32, so every feature covariance is
 rank-deficient and the 'kernel' rule with the strict projector gives the exact null space.
@@ -6,16 +7,28 @@ rank-deficient and the 'kernel' rule with the strict projector gives the exact n
 from types import SimpleNamespace
 
 import pytest
+import timm
 import torch
 from avalanche.training import Naive
 from avalanche.training.plugins import EvaluationPlugin
 from mambacl_helpers import split_digits, tiny_vim
 
 from mambacl.backbones import SSMBranch, SSMMixer, record_taps
-from mambacl.strategies import NullSpacePlugin
+from mambacl.strategies import ContinualClassifier, NullSpacePlugin
 
 TAPS = ("tap_x", "tap_delta", "tap_delta_x", "tap_out")
 LINEARS = ("x_proj_dt", "x_proj_B", "x_proj_C", "out_proj")
+DIRECTIONS = {"mamba": 2, "longhorn": 2, "defocus": 1}  # scan directions per block
+BACKBONES = ["mamba", "defocus"]
+
+
+def _tiny(backbone, head="experience", **kwargs):
+    """A 2-block classifier for 8x8 digits: bidirectional Vim ('mamba', 'longhorn') or test_defocus_mamba."""
+    if backbone == "defocus":
+        model = timm.create_model("test_defocus_mamba", img_size=8, patch_size=4, in_chans=1, embed_dim=16,
+                                  num_classes=0, **kwargs)
+        return ContinualClassifier(model, head=head)
+    return tiny_vim(patch_size=4, embed_dim=16, mixer=backbone, head=head, **kwargs)
 
 
 def _rows(records, name):
@@ -38,10 +51,10 @@ def _probe(model, x):
     return rec, outs
 
 
-def _two_experiences(plugin, mixer="mamba", head="experience"):
+def _two_experiences(plugin, backbone="mamba", head="experience"):
     torch.manual_seed(0)
     bench = split_digits(per_class=(4, 16))
-    model = tiny_vim(patch_size=4, embed_dim=16, mixer=mixer, head=head)
+    model = _tiny(backbone, head)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     strategy = Naive(model=model, optimizer=opt, train_mb_size=4, train_epochs=4, eval_mb_size=16,
                      plugins=[plugin] if plugin else None, evaluator=EvaluationPlugin(loggers=[]))
@@ -58,10 +71,11 @@ def _relative(x, d):
     return ((x @ d).norm() / (x.norm() * d.norm())).item()
 
 
-@pytest.mark.parametrize("mixer, head", [("mamba", "experience"), ("longhorn", "incremental")])
-def test_strict_kernel_projection_keeps_every_constraint(mixer, head):
+@pytest.mark.parametrize("backbone, head", [("mamba", "experience"), ("longhorn", "incremental"),
+                                            ("defocus", "experience")])
+def test_strict_kernel_projection_keeps_every_constraint(backbone, head):
     plugin = NullSpacePlugin(selection="kernel", projector="strict", progress=False)
-    model, (rec, _), _, w1, w2 = _two_experiences(plugin, mixer, head)
+    model, (rec, _), _, w1, w2 = _two_experiences(plugin, backbone, head)
     checked = 0
     for name, mod in model.named_modules():
         pre = name + "."
@@ -69,7 +83,7 @@ def test_strict_kernel_projection_keeps_every_constraint(mixer, head):
             x, f, delta = _rows(rec, pre + "tap_x"), _rows(rec, pre + "tap_delta_x"), _rows(rec, pre + "tap_delta")
             cases = [(x, pre + "x_proj_dt.weight", "right"), (x, pre + "x_proj_C.weight", "right"),
                      (f, pre + "x_proj_B.weight", "right")]
-            if mixer == "mamba":  # Longhorn has no A
+            if backbone != "longhorn":  # Longhorn has no A
                 cases.append((delta, pre + "A_log", "left"))
         elif isinstance(mod, SSMMixer):
             cases = [(_rows(rec, pre + "tap_out"), pre + "out_proj.weight", "right")]
@@ -82,18 +96,19 @@ def test_strict_kernel_projection_keeps_every_constraint(mixer, head):
             rel = _relative(feats, d if side == "left" else d.T)
             assert rel < 1e-5, f"{pname}: old features see the update ({rel:.2e})"
             checked += 1
-    per_branch = 4 if mixer == "mamba" else 3
-    assert checked == 2 * 2 * per_branch + 2  # 2 blocks x 2 directions x branch parameters + 2 out_proj
-    frozen = [n for n in w1 if "in_proj" in n or "conv1d" in n or "dt_proj" in n or n.endswith(".D")]
+    per_branch = 3 if backbone == "longhorn" else 4
+    assert checked == 2 * DIRECTIONS[backbone] * per_branch + 2  # 2 blocks x directions x branch params + 2 out_proj
+    frozen = [n for n in w1 if "in_proj" in n or "conv1d" in n or "dt_proj" in n or n.endswith((".D", ".freq"))]
     assert frozen and all(torch.equal(w1[n], w2[n]) for n in frozen)
 
 
+@pytest.mark.parametrize("backbone", BACKBONES)
 @pytest.mark.parametrize("plugin", [True, False], ids=["mambacl-token-exact", "fine-tune"])
-def test_token_exact_parameters_keep_old_outputs(plugin):
+def test_token_exact_parameters_keep_old_outputs(plugin, backbone):
     nsp = NullSpacePlugin(selection="kernel", projector="strict", wb_features="token", progress=False,
                           trainable=("x_proj_dt", "x_proj_B", "x_proj_C", "out_proj", "head")) if plugin else None
-    _, (_, old), new, _, _ = _two_experiences(nsp)
-    assert set(old) == set(new) and len(old) == 2 * (2 * 3 + 1)
+    _, (_, old), new, _, _ = _two_experiences(nsp, backbone)
+    assert set(old) == set(new) and len(old) == 2 * (DIRECTIONS[backbone] * 3 + 1)
     change = max(((new[k] - old[k]).norm() / old[k].norm()).item() for k in old)
     if plugin:
         assert change < 1e-4
@@ -102,12 +117,13 @@ def test_token_exact_parameters_keep_old_outputs(plugin):
 
 
 @pytest.mark.filterwarnings("ignore:.*no collected features")
-def test_adam_nscl_layer_plan_keeps_linear_and_conv_outputs():
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_adam_nscl_layer_plan_keeps_linear_and_conv_outputs(backbone):
     plugin = NullSpacePlugin(protect="layers", selection="kernel", projector="strict", progress=False,
                              trainable=("protected", "head"))
     torch.manual_seed(0)
     bench = split_digits(per_class=(4, 16))
-    model = tiny_vim(patch_size=4, embed_dim=16)
+    model = _tiny(backbone)
     inputs = {}
     for name, mod in model.named_modules():
         if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and "head" not in name.split("."):
@@ -127,18 +143,20 @@ def test_adam_nscl_layer_plan_keeps_linear_and_conv_outputs():
         y_old, y_new = fn(x.double(), w_old.double(), **kw), fn(x.double(), mod.weight.detach().double(), **kw)
         assert ((y_new - y_old).norm() / y_old.norm()).item() < 1e-5, name
         moved += int(not torch.equal(w_old, mod.weight.detach()))
-    assert len(old) == 1 + 2 * 8 and moved >= 2 * 6  # patch conv + per block in_proj, out_proj, 2 x (x_proj x3)
+    per_block = 2 + 3 * DIRECTIONS[backbone]  # in_proj, out_proj, directions x (x_proj x3)
+    assert len(old) == 1 + 2 * per_block and moved >= 2 * 3 * DIRECTIONS[backbone]  # + the patch conv
     # dt_proj runs through F.linear (no forward of its own), so it has no features and must stay frozen
     dt = [p for n, p in model.named_parameters() if n.endswith("dt_proj.weight")]
     assert dt and not any(p.requires_grad for p in dt)
 
 
-def test_first_experience_is_unprojected_and_optimizer_state_resets():
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_first_experience_is_unprojected_and_optimizer_state_resets(backbone):
     bench = split_digits(per_class=(4, 16))
     weights, steps = [], []
     for plugin in (None, NullSpacePlugin(trainable=None, progress=False)):
         torch.manual_seed(0)
-        model = tiny_vim(patch_size=4, embed_dim=16)
+        model = _tiny(backbone)
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         strategy = Naive(model=model, optimizer=opt, train_mb_size=4, train_epochs=2,
                          plugins=[plugin] if plugin else None, evaluator=EvaluationPlugin(loggers=[]))
@@ -150,10 +168,11 @@ def test_first_experience_is_unprojected_and_optimizer_state_resets():
     assert steps == [2 * 1 + 2 * 4, 2 * 4]  # Adam's step count restarts with experience 2 (4 batches x 2 epochs)
 
 
-def test_covariances_are_collected_on_eval_transformed_data_in_eval_mode():
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_covariances_are_collected_on_eval_transformed_data_in_eval_mode(backbone):
     bench = split_digits(per_class=(10, 4), train_transform=lambda x: 1.0 - x)
     torch.manual_seed(0)
-    model = tiny_vim(patch_size=4, embed_dim=16, drop_path_rate=0.5)  # eval mode matters
+    model = _tiny(backbone, drop_path_rate=0.5)  # eval mode matters
     plugin = NullSpacePlugin(progress=False, collect_mb_size=3)
     strategy = Naive(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3), train_mb_size=5,
                      plugins=[plugin], evaluator=EvaluationPlugin(loggers=[]))
@@ -170,7 +189,7 @@ def test_covariances_are_collected_on_eval_transformed_data_in_eval_mode():
         rows = [t.reshape(-1, t.shape[-1]).double() for t in batches]
         reference[name] = sum(r.T @ r / r.shape[0] for r in rows)
         assert plugin.engine.rows[name] == sum(r.shape[0] for r in rows)
-    assert set(reference) == set(plugin.engine.covariances) and len(reference) == 2 * (2 * 3 + 1)
+    assert set(reference) == set(plugin.engine.covariances) and len(reference) == 2 * (DIRECTIONS[backbone] * 3 + 1)
     for name, cov in reference.items():
         torch.testing.assert_close(plugin.engine.covariances[name], cov, rtol=1e-5, atol=1e-7 * cov.abs().max())
 
