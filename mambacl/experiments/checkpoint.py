@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -107,7 +108,7 @@ def _verified_load(folder: Path, manifest: Dict[str, Any]) -> Dict[str, Any]:
         raise CheckpointError(f"{path} is corrupted: its sha256 differs from its manifest")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unpickling failure of a verified file is reported the same way
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as err:
         raise CheckpointError(f"{path} could not be read: {err}") from err
 
 

@@ -152,7 +152,8 @@ def _list() -> None:
         params = ", ".join(f"{p.name}={p.default!r}" for p in strategy_hparams(name).values())
         print(f"  {name:<22} {get_strategy(name).summary}" + (f"\n  {'':<22} [{params}]" if params else ""))
     print("\nModels (Vision Mamba; any timm model name also works):")
-    for name in timm.list_models(["vim_*", "longhorn_vim_*", "test_vim", "test_longhorn_vim"]):
+    for name in timm.list_models(["vim_*", "longhorn_vim_*", "defocus_mamba_*", "test_vim", "test_longhorn_vim",
+                                  "test_defocus_mamba"]):
         print(f"  {name}")
 
 

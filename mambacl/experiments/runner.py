@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import platform
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -126,7 +127,9 @@ def make_evaluator(config: RunConfig, metrics: Optional[List[Any]] = None) -> Ev
         loggers.append(InteractiveLogger() if config.verbose else ExperienceProgress(config.strategy))
     if config.tensorboard and is_main_process():
         loggers.append(TensorboardLogger(Path(config.out) / "tensorboard"))
-    return EvaluationPlugin(*(metrics if metrics is not None else _default_metrics()), loggers=loggers)
+    with warnings.catch_warnings():  # no loggers is what --quiet asks for, not a mistake
+        warnings.filterwarnings("ignore", message="No loggers specified")
+        return EvaluationPlugin(*(metrics if metrics is not None else _default_metrics()), loggers=loggers)
 
 
 def _versions() -> Dict[str, str]:
@@ -173,9 +176,9 @@ def run_benchmark(config: RunConfig, resume: bool = False, stop_after: Optional[
     device = resolve_device(config.device)
     out = Path(config.out)
     spec = get_strategy(config.strategy)
-    manifest, state = load_latest_checkpoint(out, config) if resume else (None, None)
     if resume:
         _check_results_belong(out, config)
+    manifest, state = load_latest_checkpoint(out, config) if resume else (None, None)
     _on_main_process(lambda: prepare_run_folder(out, "resume" if resume else "overwrite" if overwrite else "new"))
     barrier()
     RNGManager.set_random_seeds(config.seed)
@@ -199,26 +202,29 @@ def run_benchmark(config: RunConfig, resume: bool = False, stop_after: Optional[
     if is_main_process() and manifest is not None:
         write_results(results, out)  # results missing, or behind the checkpoint after a kill: rewrite them
     last = len(steps) if stop_after is None else min(len(steps), stop_after)
-    for i in range(record["done"], last):
-        try:
+    saved = record["done"]  # experiences whose checkpoint is complete
+    try:
+        for i in range(record["done"], last):
             start = time.perf_counter()
             strategy.train(steps[i])
             train_s = time.perf_counter() - start
             seen = n_test if spec.joint else i + 1
             metrics = strategy.eval(bench.test_stream[:seen])
-        except KeyboardInterrupt:
-            raise RunInterrupted(str(out), record["done"], len(steps)) from None
-        classes = sorted({int(c) for e in bench.train_stream[:seen] for c in e.classes_in_this_experience})
-        row = _step_record(i, classes, metrics, seen, train_s, time.perf_counter() - start - train_s)
-        record = {"done": i + 1, "rows": [*record["rows"], row]}
-        results = _results(config, bench, record, n_test, device)
-        if is_main_process():
-            print(f"[{config.strategy}] step {i + 1}/{len(steps)}: seen-class acc {row['acc_stream']:.4f} | "
-                  f"task-mean acc {row['acc_task_mean']:.4f} | forgetting {row['forgetting']:.4f} | "
-                  f"train {train_s:.1f}s eval {row['eval_s']:.1f}s", flush=True)
-            save_checkpoint(out, strategy_state(strategy, evaluator.metrics), record, config, _versions())
-            write_results(results, out)
-        barrier()
+            classes = sorted({int(c) for e in bench.train_stream[:seen] for c in e.classes_in_this_experience})
+            row = _step_record(i, classes, metrics, seen, train_s, time.perf_counter() - start - train_s)
+            record = {"done": i + 1, "rows": [*record["rows"], row]}
+            results = _results(config, bench, record, n_test, device)
+            if is_main_process():
+                print(f"[{config.strategy}] step {i + 1}/{len(steps)}: seen-class acc {row['acc_stream']:.4f} | "
+                      f"task-mean acc {row['acc_task_mean']:.4f} | forgetting {row['forgetting']:.4f} | "
+                      f"train {train_s:.1f}s eval {row['eval_s']:.1f}s", flush=True)
+                save_checkpoint(out, strategy_state(strategy, evaluator.metrics), record, config, _versions())
+            saved = record["done"]
+            if is_main_process():
+                write_results(results, out)
+            barrier()
+    except KeyboardInterrupt:
+        raise RunInterrupted(str(out), saved, len(steps)) from None
     check_replicas_in_sync(strategy.model)
     return results
 
