@@ -355,10 +355,6 @@ class NullSpaceEngine:
         k = null_space_size(eigvals, rule, a=self.a, threshold=threshold, tol=self.tol)
         return eigvecs[:, dim - k:], {"dim": dim, "null": k, "rule": rule, "projector": projector, "solver": solver}
 
-    def null_basis(self, key: str) -> torch.Tensor:
-        """Orthonormal [D, k] basis of the null space of ``key``'s covariance under its rule."""
-        return self.select(key)[0]
-
     def update_projectors(self, keys: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
         """Re-decompose the covariances (all, or ``keys``) and rebuild their float64 projectors and ``selected``.
 
