@@ -163,7 +163,7 @@ def layer_plan(model: nn.Module, exclude: Sequence[str] = ("head",)) -> Protecti
                 and not isinstance(mod.padding, str):
             plan.protect(f"{name}.weight", name, mod, conv_input_rows)
     if not plan.params:
-        raise ValueError("model has no Linear or ungrouped Conv layer to protect")
+        raise ValueError("model has no Linear or ungrouped Conv layer to protect (protect='layers')")
     return plan
 
 

@@ -28,6 +28,9 @@ class ExperienceHeads(DynamicModule):
         >>> heads = ExperienceHeads(32)   # adapted by Avalanche's model_adaptation
     """
 
+    # NullSpacePlugin's contract for heads that need no null-space protection (old heads never train again)
+    calibrated_across_experiences = True
+
     def __init__(self, in_features: int, mask_value: float = -1000.0) -> None:
         super().__init__()
         if in_features < 1:

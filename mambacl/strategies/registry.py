@@ -169,12 +169,13 @@ def create_strategy(name: str, setup: TrainSetup, **hparams: Any) -> SupervisedT
 
 # -- built-in strategies ---------------------------------------------------------------------------------------
 @register_strategy("mambacl")
-def mambacl(setup: TrainSetup, *, eta: float = 0.95, selection: str = "knee", projector: str = "soft",
+def mambacl(setup: TrainSetup, *, eta: float = 0.95, selection: str = "auto", projector: str = "soft",
             wb_features: str = "aggregated", protect: str = "ssm", head: str = "experience") -> SupervisedTemplate:
     """Mamba-CL: null-space projection of the SSM parameters' updates (see MambaCL / NullSpacePlugin).
 
     Args:
-        eta: soft-projector mixing weight. selection: null-space rule ('knee', 'energy', 'adam_nscl', 'kernel').
+        eta: soft-projector mixing weight. selection: null-space rule ('auto', 'knee', 'energy', 'adam_nscl',
+            'kernel').
         projector: 'soft' or 'strict'. wb_features: 'aggregated' or 'token'.
         protect: parameters protected ('ssm' or 'layers'). head: 'experience' or 'incremental'.
     """

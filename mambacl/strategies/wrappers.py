@@ -19,9 +19,9 @@ class MambaCL(SupervisedTemplate):
     """Mamba-CL: null-space projection of the SSM parameters' updates (arXiv 2411.15469).
 
     Keyword-only, like Avalanche's own wrappers. Builds a :class:`NullSpacePlugin` (see it for every
-    null-space argument: protect, selection, projector, eta, a, threshold, tol, wb_features, trainable,
-    exclude, collect_mb_size, progress) and appends it to a copy of ``plugins``. The plugin is
-    ``self.nullspace``. Other arguments are SupervisedTemplate's.
+    null-space argument: protect, selection, projector, eta, a, threshold, tol, auto_min_dim, auto_threshold,
+    wb_features, trainable, exclude, collect_mb_size, progress) and appends it to a copy of ``plugins``. The
+    plugin is ``self.nullspace``. Other arguments are SupervisedTemplate's.
 
     Example:
         >>> strategy = MambaCL(model=ContinualClassifier(backbone), optimizer=Adam(params, 2e-4),
@@ -34,15 +34,16 @@ class MambaCL(SupervisedTemplate):
                  train_mb_size: int = 1, train_epochs: int = 1, eval_mb_size: Optional[int] = None,
                  device: Union[str, torch.device] = "cpu", plugins: Optional[List[BasePlugin]] = None,
                  evaluator: Union[EvaluationPlugin, Callable[[], EvaluationPlugin]] = default_evaluator,
-                 eval_every: int = -1, protect: str = "ssm", selection: Selection = "knee",
+                 eval_every: int = -1, protect: str = "ssm", selection: Selection = "auto",
                  projector: ProjectorKind = "soft", eta: float = 0.95, a: float = 10.0, threshold: float = 0.97,
-                 tol: float = 1e-10, wb_features: str = "aggregated",
+                 tol: float = 1e-10, auto_min_dim: int = 128, auto_threshold: float = 0.99,
+                 wb_features: str = "aggregated",
                  trainable: Optional[Sequence[str]] = PAPER_TRAINABLE, exclude: Sequence[str] = ("head",),
                  collect_mb_size: Optional[int] = None, progress: bool = True, **base_kwargs) -> None:
         self.nullspace = NullSpacePlugin(
             protect=protect, selection=selection, projector=projector, eta=eta, a=a, threshold=threshold, tol=tol,
-            wb_features=wb_features, trainable=trainable, exclude=exclude, collect_mb_size=collect_mb_size,
-            progress=progress)
+            auto_min_dim=auto_min_dim, auto_threshold=auto_threshold, wb_features=wb_features, trainable=trainable,
+            exclude=exclude, collect_mb_size=collect_mb_size, progress=progress)
         super().__init__(model=model, optimizer=optimizer, criterion=criterion, train_mb_size=train_mb_size,
                          train_epochs=train_epochs, eval_mb_size=eval_mb_size, device=device,
                          plugins=[*(plugins or []), self.nullspace], evaluator=evaluator, eval_every=eval_every,

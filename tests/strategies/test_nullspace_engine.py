@@ -1,12 +1,14 @@
 """Null-space engine: covariance accumulation, selection rules and projector algebra against closed forms."""
 import math
 
+import numpy as np
 import pytest
 import scipy.linalg
 import torch
 
 from mambacl.strategies.features import delta_x_rows
-from mambacl.strategies.nullspace import NullSpaceEngine, build_projector, knee_index, null_space_size
+from mambacl.strategies.nullspace import (NonFiniteFeaturesError, NullSpaceEngine, auto_rule, build_projector,
+                                         descending_eigh, knee_index, null_space_size)
 
 
 def _rank_deficient(rows=12, dim=20, rank=7):
@@ -93,10 +95,15 @@ def test_adam_nscl_and_energy_rules():
     assert null_space_size(lam, "kernel") == 0
 
 
-def test_non_finite_covariance_and_bad_arguments_raise():
+def test_non_finite_features_never_reach_the_covariance_and_bad_arguments_raise():
     eng = NullSpaceEngine()
-    eng.add("k", torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
-    with pytest.raises(ValueError, match="non-finite"):
+    eng.add("k", torch.eye(2))
+    with pytest.raises(NonFiniteFeaturesError, match="'k' have 1 NaN/Inf"):
+        eng.add("k", torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+    torch.testing.assert_close(eng.covariances["k"], torch.eye(2, dtype=torch.float64) / 2)  # batch not added
+    assert eng.rows["k"] == 2
+    eng.covariances["k"][0, 0] = float("inf")  # a corrupted state still cannot produce a projector
+    with pytest.raises(NonFiniteFeaturesError, match="non-finite"):
         eng.update_projectors()
     with pytest.raises(ValueError, match="selection"):
         NullSpaceEngine(selection="svd")
@@ -116,7 +123,11 @@ def test_state_dict_round_trip():
     other.load_state_dict(eng.state_dict())
     torch.testing.assert_close(other.projectors["k"], eng.projectors["k"], rtol=0, atol=0)
     torch.testing.assert_close(other.covariances["k"], eng.covariances["k"], rtol=0, atol=0)
-    assert other.rows == eng.rows and other.null_dims == eng.null_dims
+    assert other.rows == eng.rows and other.null_dims == eng.null_dims == {"k": 13}
+    assert other.selected == eng.selected and other.selected["k"]["rule"] == "kernel"
+    legacy = {k: v for k, v in eng.state_dict().items() if k != "selected"}  # saved before `selected` existed
+    other.load_state_dict(legacy)
+    assert other.selected == {"k": {"dim": 20, "null": 13, "rule": None, "projector": None, "solver": None}}
 
 
 def test_knee_on_short_spectrum_uses_the_raw_second_difference():
@@ -152,3 +163,105 @@ def test_delta_x_rows_have_the_gram_matrix_of_f(length):
     assert count == b * width and rows.shape[0] == b * min(length, width) and not stash
     torch.testing.assert_close(compressed.covariances["k"], reference.covariances["k"], rtol=1e-10, atol=1e-12)
     assert compressed.rows == reference.rows
+
+
+def _spectrum_features(rows, scales):
+    """[rows, D] features whose covariance has (about) the squared ``scales`` as eigenvalues, in a random basis."""
+    q, _ = torch.linalg.qr(torch.randn(len(scales), len(scales), dtype=torch.float64))
+    return torch.randn(rows, len(scales), dtype=torch.float64) * torch.as_tensor(scales) @ q.T
+
+
+def _reference_projector(x, rule, kind, eta=0.95, **kwargs):
+    """Projector from numpy's eigh of X^T X / rows and the rule called directly."""
+    vals, vecs = np.linalg.eigh((x.T @ x / x.shape[0]).numpy())
+    vals, vecs = torch.from_numpy(vals[::-1].copy()), torch.from_numpy(vecs[:, ::-1].copy())
+    k = null_space_size(vals, rule, **kwargs)
+    return build_projector(vecs[:, vecs.shape[1] - k:], kind, eta), k
+
+
+def test_auto_selects_by_width_like_the_two_rules_called_directly():
+    small = _spectrum_features(400, torch.logspace(1, -2, 64))  # D = 64 < 128: energy 0.99 + strict
+    idx = torch.arange(256, dtype=torch.float64)  # D = 256: knee (a kink at 100) + the soft projector
+    big = _spectrum_features(2000, torch.where(idx < 100, 20 - 0.15 * idx, 5 - 0.01 * (idx - 100)))
+    eng = NullSpaceEngine(projector="soft", eta=0.9)
+    assert eng.selection == "auto" and eng.auto_min_dim == 128 and eng.auto_threshold == 0.99
+    eng.add("small", small)
+    eng.add("big", big)
+    eng.update_projectors()
+    p_small, k_small = _reference_projector(small, "energy", "strict", threshold=0.99)
+    p_big, k_big = _reference_projector(big, "knee", "soft", eta=0.9)
+    assert 0 < k_small < 64 and 0 < k_big < 256
+    assert eng.selected["small"] == {"dim": 64, "null": k_small, "rule": "energy", "projector": "strict",
+                                     "solver": "eigh"}
+    assert eng.selected["big"] == {"dim": 256, "null": k_big, "rule": "knee", "projector": "soft", "solver": "eigh"}
+    torch.testing.assert_close(eng.projectors["small"], p_small, rtol=0, atol=1e-8)
+    torch.testing.assert_close(eng.projectors["big"], p_big, rtol=0, atol=1e-8)
+    # the same as engines configured with each rule explicitly
+    for key, explicit in (("small", NullSpaceEngine("energy", "strict", threshold=0.99)),
+                          ("big", NullSpaceEngine("knee", "soft", eta=0.9))):
+        explicit.add(key, small if key == "small" else big)
+        torch.testing.assert_close(explicit.update_projectors()[key], eng.projectors[key], rtol=0, atol=1e-10)
+    # the knee rule alone degenerates on the narrow key: it keeps almost every direction null
+    assert NullSpaceEngine("knee").rule_for(64) == ("knee", "soft")
+    knee_small = NullSpaceEngine("knee")
+    knee_small.add("small", small)
+    knee_small.update_projectors()
+    assert knee_small.null_dims["small"] >= 62 > k_small
+
+
+def test_auto_width_threshold_and_energy_are_parameters():
+    assert auto_rule(127) == ("energy", "strict") and auto_rule(128) == ("knee", "soft")
+    assert auto_rule(128, "strict") == ("knee", "strict") and auto_rule(64, min_dim=64) == ("knee", "soft")
+    x = _spectrum_features(400, torch.logspace(1, -2, 64))
+    eng = NullSpaceEngine(auto_min_dim=32, auto_threshold=0.5)
+    eng.add("k", x)
+    eng.update_projectors()
+    assert eng.selected["k"]["rule"] == "knee"  # 64 >= 32
+    eng = NullSpaceEngine(auto_threshold=0.5)
+    eng.add("k", x)
+    eng.update_projectors()
+    assert eng.selected["k"]["null"] == _reference_projector(x, "energy", "strict", threshold=0.5)[1]
+
+
+def test_adam_nscl_rule_takes_the_whole_numerical_kernel():
+    # lambda_min of a rank-deficient covariance is 0; its kernel eigenvalues are rounding noise of both signs
+    x = _rank_deficient()
+    eigvals = torch.linalg.eigvalsh(x.T @ x / x.shape[0]).flip(0)
+    kernel = scipy.linalg.null_space(x.numpy()).shape[1]
+    assert kernel == 13 and null_space_size(eigvals, "adam_nscl", a=10.0) == kernel
+
+
+def _failing_eigh(monkeypatch, failures):
+    """Make torch.linalg.eigh raise on its first ``failures`` calls."""
+    original, calls = torch.linalg.eigh, []
+
+    def eigh(a, *args, **kwargs):
+        calls.append(a.clone())
+        if len(calls) <= failures:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge (forced)")
+        return original(a, *args, **kwargs)
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    return calls
+
+
+@pytest.mark.parametrize("failures, solver", [(1, "eigh+jitter=1e-12"), (2, "eigh+jitter=1e-10"), (99, "svd")],
+                         ids=["jitter", "more-jitter", "svd"])
+def test_eigh_failure_falls_back_to_jitter_then_svd(monkeypatch, failures, solver):
+    x = _rank_deficient()
+    reference = torch.from_numpy(scipy.linalg.null_space(x.numpy()))  # [20, 13]
+    cov = x.T @ x / x.shape[0]
+    calls = _failing_eigh(monkeypatch, failures)
+    eigvals, eigvecs, used = descending_eigh(cov)
+    assert used == solver
+    if solver != "svd":  # the retry ran on cov + j * max(diag) * I, and its eigenvalues are shifted back
+        jitter = float(solver.split("=")[1])
+        torch.testing.assert_close(calls[-1], cov + jitter * cov.diagonal().max() * torch.eye(20, dtype=cov.dtype))
+    torch.testing.assert_close(eigvals, torch.linalg.svdvals(cov), rtol=0, atol=1e-9 * float(eigvals[0]))
+    torch.testing.assert_close(eigvecs @ torch.diag(eigvals) @ eigvecs.T, cov, rtol=0, atol=1e-9)
+
+    calls.clear()  # the engine gets the same fallback and the null space of the reference
+    eng = NullSpaceEngine(selection="kernel", projector="strict")
+    eng.add("k", x)
+    p = eng.update_projectors()["k"]
+    assert eng.selected["k"]["solver"] == solver and eng.null_dims["k"] == 13
+    torch.testing.assert_close(p, reference @ reference.T, rtol=0, atol=1e-9)
