@@ -37,7 +37,7 @@ from mambacl.experiments.strategy_state import decode_metrics, restore_strategy,
 from mambacl.strategies.distributed import (barrier, broadcast_object, check_batch_divisible, check_replicas_in_sync,
                                             check_same_config, init_distributed, is_main_process, local_device,
                                             world_size)
-from mambacl.strategies.plugins import DistributedPlugin, FiniteLossPlugin
+from mambacl.strategies.plugins import DistributedPlugin, FiniteLossPlugin, NullSpacePlugin
 from mambacl.strategies.registry import TrainSetup, create_strategy, get_strategy
 
 __all__ = ["RunInterrupted", "build_backbone", "make_evaluator", "resolve_device", "run_benchmark"]
@@ -212,6 +212,7 @@ def run_benchmark(config: RunConfig, resume: bool = False, stop_after: Optional[
             metrics = strategy.eval(bench.test_stream[:seen])
             classes = sorted({int(c) for e in bench.train_stream[:seen] for c in e.classes_in_this_experience})
             row = _step_record(i, classes, metrics, seen, train_s, time.perf_counter() - start - train_s)
+            row.update(_null_space_sizes(strategy))
             record = {"done": i + 1, "rows": [*record["rows"], row]}
             results = _results(config, bench, record, n_test, device)
             if is_main_process():
@@ -227,6 +228,16 @@ def run_benchmark(config: RunConfig, resume: bool = False, stop_after: Optional[
         raise RunInterrupted(str(out), saved, len(steps)) from None
     check_replicas_in_sync(strategy.model)
     return results
+
+
+def _null_space_sizes(strategy: Any) -> Dict[str, Any]:
+    """``{"null_space": {feature key: {dim, null, rule, projector, solver}}}`` of the null-space plugins' last
+    experience (the sizes protecting the next one), or nothing for strategies without one."""
+    sizes: Dict[str, Any] = {}
+    for plugin in strategy.plugins:
+        if isinstance(plugin, NullSpacePlugin) and plugin.null_space_history:
+            sizes.update(plugin.null_space_history[-1])
+    return {"null_space": sizes} if sizes else {}
 
 
 def _check_results_belong(out: Path, config: RunConfig) -> None:
