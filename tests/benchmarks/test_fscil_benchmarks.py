@@ -153,6 +153,25 @@ def test_cifar_benchmark_from_index_lists(cifar_root, tmp_path):
         fscil_cifar100(cifar_root, index_dir=tmp_path, spec=SMALL)
 
 
+def _first_image_per_class(dataset):
+    firsts = {}
+    for x, y, *_ in dataset.eval():
+        firsts.setdefault(int(y), x)
+    return firsts
+
+
+def test_fscil_max_per_class_keeps_the_first_images_of_every_class(cifar_root):
+    full = fscil_cifar100(cifar_root, spec=SMALL, seed=0)
+    small = fscil_cifar100(cifar_root, spec=SMALL, seed=0, max_per_class=1)
+    streams = [(small.train_stream, full.train_stream), (small.test_stream, full.test_stream)]
+    for kind, (capped, complete) in enumerate(streams):
+        for t, (exp, exp_full) in enumerate(zip(capped, complete)):
+            seen = list(range(4 + 2 * t))
+            assert _labels(exp.dataset) == (seen if kind else seen[-2:] if t else seen)
+            firsts = _first_image_per_class(exp_full.dataset)
+            assert all(torch.equal(x, firsts[int(y)]) for x, y, *_ in exp.dataset.eval())
+
+
 def _write_jpg(path: Path, value: int) -> None:
     from PIL import Image
     path.parent.mkdir(parents=True, exist_ok=True)
