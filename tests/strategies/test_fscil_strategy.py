@@ -134,3 +134,22 @@ def test_registry_entry_builds_from_a_timm_backbone():
     assert isinstance(strategy, MambaFSCIL) and strategy.model.backbone.model is backbone
     assert strategy.protocol.inc_steps == 3 and strategy.optimizer.param_groups[0]["lr"] == 0.05
     assert strategy.model.neck.feat_hw == (2, 2) and strategy.model.head.num_seen == 4
+
+
+def test_incremental_feature_mixup_mixes_the_projector_output():
+    strategy = _strategy()
+    model = strategy.model.eval()
+    model.neck.add_incremental_branch()
+    with torch.no_grad():
+        model.neck.inc.block.in_proj.weight.normal_()  # a non-zero gate, so the incremental branch matters
+        maps, perm = torch.randn(5, *model.backbone.out_shape), torch.tensor([4, 2, 3, 0, 1])
+        logits, out = model(maps, from_maps=True, mix_perm=perm, return_neck=True)
+        plain = model.neck(maps)
+    # mmfscil classifier.mixup_feat: lam 0.5 on the neck output; the losses' inputs stay the unmixed batch's
+    mixed = 0.5 * plain.feat + 0.5 * plain.feat[perm]
+    assert torch.allclose(out.feat, mixed, atol=1e-6)
+    etf_seen = model.head.weight[:, :model.head.num_seen]
+    assert torch.allclose(logits, torch.nn.functional.normalize(mixed, dim=1) @ etf_seen, atol=1e-6)
+    for got, ref in zip([*out.inc.z, out.inc.dt_low, out.inc.B, out.inc.C],
+                        [*plain.inc.z, plain.inc.dt_low, plain.inc.B, plain.inc.C]):
+        assert torch.equal(got, ref)

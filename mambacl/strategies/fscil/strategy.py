@@ -5,7 +5,8 @@ Incremental session t (xiaojieli0903/Mamba-FSCIL ``mmfscil/apis/fscil.py``, with
 the backbone is frozen and its maps are extracted once with the eval transform; the training set is the
 session's shots, plus the mean map of every earlier novel class repeated ``copy`` times, plus the base
 class prototypes (mean maps) repeated ``base_copy`` times; a fresh zero-gated incremental branch is trained
-for ``inc_steps`` SGD steps with feature mixup (lam 0.5, probability ``mixup_prob``), the dot-regression,
+for ``inc_steps`` SGD steps with feature mixup (lam 0.5 on the projector output, probability ``mixup_prob``), the
+dot-regression,
 suppression and separation losses. See ``fscil.md`` for the published protocol.
 
 Data-parallel (a :class:`~mambacl.strategies.plugins.DistributedPlugin` under torchrun): the base session
@@ -104,13 +105,15 @@ class FSCILModel(nn.Module):
 
         Args:
             x: ``[b, 3, H, W]`` images, or backbone maps ``[b, C, h, w]`` when ``from_maps``.
-            mix_perm: feature mixup with lam 0.5: the maps become ``(maps + maps[mix_perm]) / 2``.
-            return_neck: also return the neck's :class:`NeckOutput` (the losses' inputs).
+            mix_perm: feature mixup with lam 0.5: the projector output becomes ``(f + f[mix_perm]) / 2`` (the
+                authors' ``mixup_feat`` on the neck's output, mmfscil/models/classifier.py); the neck's other
+                outputs (the suppression and separation inputs) stay those of the unmixed batch.
+            return_neck: also return the neck's :class:`NeckOutput` (the losses' inputs, ``feat`` mixed).
         """
         maps = x if from_maps else self.backbone(x)
-        if mix_perm is not None:
-            maps = 0.5 * maps + 0.5 * maps[mix_perm]
         neck_out = self.neck(maps)
+        if mix_perm is not None:
+            neck_out = replace(neck_out, feat=0.5 * neck_out.feat + 0.5 * neck_out.feat[mix_perm])
         logits = self.head(neck_out.feat)
         return (logits, neck_out) if return_neck else logits
 
