@@ -1,6 +1,8 @@
 """The Mamba-FSCIL strategy: base session on images, incremental sessions on cached backbone maps.
 
-Base session: backbone + base branch + fixed ETF head trained end to end with the dot-regression loss.
+Base session: backbone + base branch + fixed ETF head trained end to end with the dot-regression loss, optionally
+on batches mixed by mixup / cutmix (``base_mixing``, :mod:`mambacl.strategies.fscil.augment`; off by default,
+the CIFAR-100 config's values in :data:`~mambacl.strategies.fscil.augment.PUBLISHED_BASE_MIXING`).
 Incremental session t (xiaojieli0903/Mamba-FSCIL ``mmfscil/apis/fscil.py``, without its distributed set-up):
 the backbone is frozen and its maps are extracted once with the eval transform; the training set is the
 session's shots, plus the mean map of every earlier novel class repeated ``copy`` times, plus the base
@@ -30,6 +32,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorData
 
 from mambacl.strategies.distributed import (ShardedBatchSampler, all_reduce_statistics_, broadcast_object,
                                             check_batch_divisible, gather_rows, round_robin_loader, unwrap_model)
+from mambacl.strategies.fscil.augment import BatchMixing, mix_batch
 from mambacl.strategies.fscil.backbones import FeatureMapBackbone
 from mambacl.strategies.fscil.etf import ETFHead, cosine_regression_loss, dot_regression_loss, length_weights
 from mambacl.strategies.fscil.losses import LOSS_WEIGHTS, FSCILLossWeights, separation_loss, suppression_loss
@@ -54,6 +57,9 @@ class FSCILProtocol:
         mixup_prob: probability of feature mixup (lam 0.5) per incremental step.
         with_len_base: dot-regression target lengths in the base session.
         weights: the incremental-session loss weights.
+        base_mixing: base-session batch mixup/cutmix (a :class:`BatchMixing` or a mapping of its fields); off in
+            every preset (the published values are :data:`~mambacl.strategies.fscil.augment.PUBLISHED_BASE_MIXING`,
+            e.g. ``overrides=dict(base_mixing=PUBLISHED_BASE_MIXING["cifar100"])``).
     """
 
     dim: int
@@ -72,6 +78,7 @@ class FSCILProtocol:
     mixup_prob: float
     with_len_base: bool
     weights: FSCILLossWeights
+    base_mixing: BatchMixing = BatchMixing()
 
 
 #: Published settings. CUB's SS2D neck is replaced by the four-scan block; mini's varying steps and
@@ -189,6 +196,11 @@ class MambaFSCIL(SupervisedTemplate):
             self.protocol = replace(PROTOCOLS[protocol], **(overrides or {}))
         except TypeError as err:
             raise TypeError(f"overrides must name FSCILProtocol fields: {err}") from None
+        if isinstance(self.protocol.base_mixing, dict):
+            self.protocol = replace(self.protocol, base_mixing=BatchMixing(**self.protocol.base_mixing))
+        if not isinstance(self.protocol.base_mixing, BatchMixing):
+            raise TypeError(f"overrides['base_mixing'] must be a BatchMixing or a mapping of its fields, got "
+                            f"{type(self.protocol.base_mixing).__name__}")
         if isinstance(backbone, str):
             backbone = FeatureMapBackbone(backbone, img_size)
         chs, height, width = backbone.out_shape
@@ -209,7 +221,7 @@ class MambaFSCIL(SupervisedTemplate):
         self._prototypes: Dict[int, torch.Tensor] = {}
         self._scheduler: Optional[CosineLRScheduler] = None
         self._updates = 0
-        self._mix: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self._mix: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None
         self._neck_out: Optional[NeckOutput] = None
         super().__init__(model=model, optimizer=optimizer, train_mb_size=train_mb_size, train_epochs=train_epochs,
                          eval_mb_size=eval_mb_size, device=device, plugins=plugins, evaluator=evaluator,
@@ -354,20 +366,28 @@ class MambaFSCIL(SupervisedTemplate):
 
     # --------------------------------------------------------------------------------- forward and loss
     def forward(self) -> torch.Tensor:
-        """Images -> logits in the base session and in eval; cached maps (with feature mixup) -> logits else."""
+        """Images -> logits in the base session (mixed by ``base_mixing`` when on) and in eval; cached maps
+        (with feature mixup) -> logits in the incremental sessions."""
         from_maps = self.is_training and self.session > 0
-        perm, self._mix = None, None
-        if from_maps and random.random() < self.protocol.mixup_prob:
+        x, perm, self._mix = self.mb_x, None, None
+        if self.is_training and self.session == 0 and self.protocol.base_mixing.enabled:
+            mixed = mix_batch(self.mb_x, self.mb_y, self.protocol.base_mixing)
+            x = mixed.x
+            if mixed.y_b is not None:
+                self._mix = (mixed.y_a, mixed.y_b, mixed.lam)
+        elif from_maps and random.random() < self.protocol.mixup_prob:
             perm = torch.randperm(self.mb_x.shape[0], device=self.mb_x.device)
-            self._mix = (self.mb_y, self.mb_y[perm])
-        logits, self._neck_out = self.model(self.mb_x, from_maps=from_maps, mix_perm=perm, return_neck=True)
+            self._mix = (self.mb_y, self.mb_y[perm], 0.5)
+        logits, self._neck_out = self.model(x, from_maps=from_maps, mix_perm=perm, return_neck=True)
         return logits
 
     def criterion(self) -> torch.Tensor:
-        """Dot-regression loss (mixup: 0.5 on each label set), plus suppression and separation after the base.
+        """Dot-regression loss, plus suppression and separation after the base session.
 
-        The batch-level terms (target lengths, suppression, separation) are computed on the global batch, gathered
-        over the ranks in a process group (:func:`gather_rows`), so data-parallel training follows the
+        A mixed batch (labels y_a, y_b, ratio lam) gives ``lam L(y_a) + (1 - lam) L(y_b)``; in the base session
+        with ``base_mixing.mix_loss == 'authors'`` ``L(y_a)`` is added once more, as the authors' classifier
+        does. The batch-level terms (target lengths, suppression, separation) are computed on the global batch,
+        gathered over the ranks in a process group (:func:`gather_rows`), so data-parallel training follows the
         single-process gradients.
         """
         if not self.is_training:
@@ -377,9 +397,15 @@ class MambaFSCIL(SupervisedTemplate):
         labels = gather_rows(self.mb_y)
         with_len = p.with_len_base if self.session == 0 else p.weights.with_len
         lengths = length_weights(labels, self.num_classes) if with_len else None
-        targets = [self.mb_y] if self._mix is None else list(self._mix)
         etf = self.fscil_model.head.weight
-        loss = sum(dot_regression_loss(out.feat, t, etf, lengths) for t in targets) / len(targets)
+        if self._mix is None:
+            loss = dot_regression_loss(out.feat, self.mb_y, etf, lengths)
+        else:
+            y_a, y_b, lam = self._mix
+            loss_a = dot_regression_loss(out.feat, y_a, etf, lengths)
+            loss = lam * loss_a + (1 - lam) * dot_regression_loss(out.feat, y_b, etf, lengths)
+            if self.session == 0 and p.base_mixing.mix_loss == "authors":
+                loss = loss + loss_a
         if self.session == 0:
             return loss
         w = p.weights
@@ -454,8 +480,9 @@ class MambaFSCIL(SupervisedTemplate):
 @register_strategy("mamba-fscil")
 def mamba_fscil(setup: TrainSetup, *, protocol: str = "cifar100", num_classes: int = 100, num_base: int = 60,
                 img_size: int = 32, base_lr: Optional[float] = None, inc_steps: Optional[int] = None,
-                inc_mb_size: int = 64, d_state: int = 256, dt_rank: int = 256,
-                fresh_branch: bool = True) -> MambaFSCIL:
+                inc_mb_size: int = 64, d_state: int = 256, dt_rank: int = 256, fresh_branch: bool = True,
+                base_mixup_alpha: float = 0.0, base_mixup_prob: float = 0.0, base_cutmix_alpha: float = 0.0,
+                base_cutmix_prob: float = 0.0, base_mix_loss: str = "authors") -> MambaFSCIL:
     """Mamba-FSCIL: dual selective SSM projector on the backbone's map, fixed ETF head (see MambaFSCIL).
 
     SGD at the protocol's learning rates; the run's (AdamW) lr and weight decay do not apply. Use a
@@ -468,9 +495,16 @@ def mamba_fscil(setup: TrainSetup, *, protocol: str = "cifar100", num_classes: i
         base_lr, inc_steps: override the protocol's base-session lr and incremental steps.
         inc_mb_size: incremental batch. d_state, dt_rank: SSM sizes of the neck.
         fresh_branch: a new zero-gated incremental branch every session.
+        base_mixup_alpha, base_mixup_prob, base_cutmix_alpha, base_cutmix_prob, base_mix_loss: base-session
+            batch mixup/cutmix (:class:`BatchMixing`); off by default. Published (CIFAR-100 only): mixup alpha
+            0.8 prob 0.4, cutmix alpha 1.0 prob 0.4, loss 'authors'; miniImageNet and CUB use none.
     """
+    try:
+        mixing = BatchMixing(base_mixup_alpha, base_mixup_prob, base_cutmix_alpha, base_cutmix_prob, base_mix_loss)
+    except ValueError as err:
+        raise ValueError(f"base_{err}") from None  # the messages start with the field name
     overrides = {k: v for k, v in (("base_lr", base_lr), ("inc_steps", inc_steps)) if v is not None}
     return MambaFSCIL(backbone=FeatureMapBackbone(setup.backbone, img_size), img_size=img_size,
-                      num_classes=num_classes, num_base=num_base, protocol=protocol, overrides=overrides,
-                      d_state=d_state, dt_rank=dt_rank, inc_mb_size=inc_mb_size, fresh_branch=fresh_branch,
-                      **setup.template_kwargs())
+                      num_classes=num_classes, num_base=num_base, protocol=protocol,
+                      overrides={**overrides, "base_mixing": mixing}, d_state=d_state, dt_rank=dt_rank,
+                      inc_mb_size=inc_mb_size, fresh_branch=fresh_branch, **setup.template_kwargs())
