@@ -52,27 +52,31 @@ def _seeded(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def test_mix_batch_draws_follow_the_authors_code():
+def _draw(mixing: BatchMixing, seed: int):
+    """mix_batch on a fixed batch under ``seed``, then the generators re-seeded and advanced past the python
+    choice and the torch permutation (mmfscil mixup.py / cutmix.py draw lam with numpy, perm with torch)."""
     x, y = torch.randn(6, 3, 8, 8), torch.arange(6)
-    # mixup only: lam ~ Beta(0.8, 0.8) from numpy after python's choice, perm from torch (mmfscil mixup.py order)
-    _seeded(3)
-    mixed = mix_batch(x, y, BatchMixing(mixup_alpha=0.8, mixup_prob=1.0))
-    _seeded(3)
+    _seeded(seed)
+    mixed = mix_batch(x, y, mixing)
+    _seeded(seed)
     random.random()
-    perm = torch.randperm(6)
+    return x, y, mixed, torch.randperm(6)
+
+
+def test_mix_batch_mixup_draws_follow_the_authors_code():
+    x, y, mixed, perm = _draw(BatchMixing(mixup_alpha=0.8, mixup_prob=1.0), seed=3)
     lam = float(np.random.beta(0.8, 0.8))
     assert torch.equal(mixed.perm, perm) and mixed.lam == lam
     assert torch.equal(mixed.y_b, y[perm]) and torch.equal(mixed.x, lam * x + (1 - lam) * x[perm])
-    # cutmix only: lam ~ Beta(1, 1), then the box centre (numpy), the box pasted from x[perm]
-    _seeded(4)
-    cut = mix_batch(x, y, BatchMixing(cutmix_alpha=1.0, cutmix_prob=1.0))
-    _seeded(4)
-    random.random()
-    perm = torch.randperm(6)
-    lam = float(np.random.beta(1.0, 1.0))
+
+
+def test_mix_batch_cutmix_draws_follow_the_authors_code():
+    x, y, cut, perm = _draw(BatchMixing(cutmix_alpha=1.0, cutmix_prob=1.0), seed=4)
+    lam = float(np.random.beta(1.0, 1.0))  # then the box centre, then the box is pasted from x[perm]
     box, lam = cutmix_box(8, 8, lam, (int(np.random.randint(8)), int(np.random.randint(8))))
     assert box[1] > box[0] and box[3] > box[2]  # a non-empty box for this seed
     assert torch.equal(cut.perm, perm) and cut.lam == lam and torch.equal(cut.x, cutmix_images(x, perm, box))
+    assert torch.equal(cut.y_b, y[perm])
     # the pixels taken from a different image cover exactly the corrected 1 - lam of it
     moved = (cut.x != x).any(dim=1)[perm != torch.arange(6)]
     assert moved.float().mean(dim=(1, 2)).tolist() == pytest.approx([1 - cut.lam] * len(moved), abs=1e-12)
