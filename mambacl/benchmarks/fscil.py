@@ -22,7 +22,7 @@ from mambacl.benchmarks.datasets import CIFAR100Files, ImageFiles, cap_per_class
 from mambacl.benchmarks.registry import register_benchmark
 
 __all__ = ["FSCILSpec", "FSCIL_SPECS", "read_index_list", "label_from_list_entry", "cec_sessions",
-           "sample_sessions", "fscil_benchmark", "write_synthetic_cifar100", "fscil_cifar100",
+           "sample_sessions", "fscil_transforms", "fscil_benchmark", "write_synthetic_cifar100", "fscil_cifar100",
            "fscil_mini_imagenet", "fscil_cub200"]
 
 PathLike = Union[str, Path]
@@ -128,10 +128,40 @@ def sample_sessions(targets: Sequence[int], spec: FSCILSpec, seed: int = 0) -> L
     return sessions
 
 
-def _default_transforms(size: int, resize: int) -> Tuple[Callable, Callable]:
-    train = T.Compose([T.RandomResizedCrop(size, scale=(0.6, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                       T.RandomHorizontalFlip(), T.ColorJitter(0.4, 0.4, 0.4), T.ToTensor()])
-    test = T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor()])
+#: Mamba-FSCIL's per-dataset pipeline parameters (xiaojieli0903/Mamba-FSCIL configs/_base_/datasets/*_fscil.py;
+#: CUB's ColorJitter 0.3 from configs/cub/resnet18_etf_bs512_80e_cub_mambafscil.py): train crop size, crop scale,
+#: crop interpolation, ColorJitter strength, test resize (short side), Normalize mean/std on a 0-255 scale.
+_FSCIL_PIPELINES = {
+    "cifar100": (32, (0.6, 1.0), T.InterpolationMode.BICUBIC, 0.4, 36,
+                 (129.304, 124.070, 112.434), (68.170, 65.392, 70.418)),
+    "mini_imagenet": (84, (0.08, 1.0), T.InterpolationMode.BILINEAR, 0.4, 96,
+                      (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
+    "cub200": (224, (0.08, 1.0), T.InterpolationMode.BILINEAR, 0.3, 256,
+               (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
+}
+
+
+def fscil_transforms(dataset: str) -> Tuple[Callable, Callable]:
+    """Mamba-FSCIL's train/test pipelines for PIL images, as torchvision transforms.
+
+    Train: RandomResizedCrop (CIFAR scale 0.6-1 bicubic; mini and CUB mmcls's default scale 0.08-1 bilinear),
+    horizontal flip, ColorJitter (brightness = contrast = saturation = 0.4, CUB 0.3), ToTensor, Normalize. Test:
+    Resize of the short side (CIFAR 36 bicubic, mini 96, CUB 256), CenterCrop, ToTensor, Normalize. Normalize uses
+    the configs' ``img_norm_cfg`` divided by 255 (CIFAR-100 statistics; ImageNet's for mini and CUB).
+
+    Args:
+        dataset: a key of :data:`FSCIL_SPECS`.
+    Returns:
+        (train_transform, eval_transform).
+    """
+    if dataset not in _FSCIL_PIPELINES:
+        raise ValueError(f"dataset must be one of {sorted(_FSCIL_PIPELINES)}, got {dataset!r}")
+    size, scale, mode, jitter, resize, mean, std = _FSCIL_PIPELINES[dataset]
+    tail = [T.ToTensor(), T.Normalize([m / 255 for m in mean], [s / 255 for s in std])]
+    train = T.Compose([T.RandomResizedCrop(size, scale=scale, interpolation=mode), T.RandomHorizontalFlip(),
+                       T.ColorJitter(jitter, jitter, jitter), *tail])
+    # the test Resize is bicubic on CIFAR and mmcls's default bilinear otherwise, as the train crop
+    test = T.Compose([T.Resize(resize, interpolation=mode), T.CenterCrop(size), *tail])
     return train, test
 
 
@@ -225,7 +255,7 @@ def fscil_cifar100(root: PathLike = "~/.cache/mambacl/cifar100", index_dir: Opti
         root: folder containing ``cifar-100-python/`` (torchvision layout; nothing is downloaded).
         index_dir: CEC ``cifar100`` index-list folder; None for the seeded sampler.
         seed: sampler seed when ``index_dir`` is None.
-        train_transform, eval_transform: defaults are the paper's (RandomResizedCrop 32 / resize 36 + crop 32).
+        train_transform, eval_transform: defaults are the configs' (see :func:`fscil_transforms`).
         spec: session shapes, or a mapping of FSCILSpec fields (override for small synthetic data).
         max_per_class: keep at most this many images per class in every session and in the test set (the
             first ones; toy-size runs), see :func:`fscil_benchmark`.
@@ -240,7 +270,7 @@ def fscil_cifar100(root: PathLike = "~/.cache/mambacl/cifar100", index_dir: Opti
         sessions = sample_sessions(train_set.targets, spec, seed)
     else:
         sessions = [_row_indices(s, len(train_set)) for s in read_index_list(index_dir, spec.num_sessions)]
-    tr, te = _default_transforms(32, 36)
+    tr, te = fscil_transforms("cifar100")
     return fscil_benchmark(train_set, test_set, sessions, spec, train_transform or tr, eval_transform or te,
                            max_per_class)
 
@@ -281,7 +311,7 @@ def fscil_mini_imagenet(root: PathLike = "~/.cache/mambacl/mini_imagenet", index
         return [(str(p.relative_to(root)), wnids.index(p.parent.name))
                 for w in wnids for p in sorted((folder / w).glob("*.jpg"))]
 
-    tr, te = _default_transforms(84, 96)
+    tr, te = fscil_transforms("mini_imagenet")
     return _path_benchmark("mini_imagenet", Path(root), files("train"), files("test"), index_dir, seed,
                            (train_transform or tr, eval_transform or te), max_per_class)
 
@@ -307,7 +337,6 @@ def fscil_cub200(root: PathLike = "~/.cache/mambacl/cub200", index_dir: Optional
     for image_id, rel in paths.items():
         entry = f"CUB_200_2011/images/{rel}"
         files[split[image_id]].append((entry, label_from_list_entry("cub200", entry)))
-    tr = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ColorJitter(0.3, 0.3, 0.3), T.ToTensor()])
-    te = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor()])
+    tr, te = fscil_transforms("cub200")
     return _path_benchmark("cub200", Path(root), files["1"], files["0"], index_dir, seed,
                            (train_transform or tr, eval_transform or te), max_per_class)
