@@ -109,6 +109,21 @@ def test_protocols_carry_published_settings():
     assert (cifar.inc_steps, cifar.inc_lr, cifar.mixup_prob, cifar.base_lr_mult) == (200, 0.25, 0.75, 0.0)
     assert (cifar.weights.w_s, cifar.weights.w_sn, cifar.weights.w_sep) == (100.0, 1e-5, 1e-3)
     assert cub.base_copy == (1, 1, 2, 2, 3, 3, 1, 1, 1, 1) and cub.inc_num_layers == 3 and cub.base_lr_mult == 0.2
+    # configs/*/..._eval_mambafscil.py step_list / base_copy_list, one value per incremental session
+    mini = PROTOCOLS["mini_imagenet"]
+    assert [mini.per_session("inc_steps", t) for t in range(1, 9)] == [100, 110, 120, 130, 140, 150, 160, 170]
+    assert [mini.per_session("base_copy", t) for t in range(1, 9)] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [cub.per_session("inc_steps", t) for t in range(1, 11)] == list(range(200, 291, 10))
+    assert cifar.per_session("inc_steps", 5) == 200
+
+
+def test_per_session_steps_drive_each_incremental_session(bench):
+    strategy = _strategy(train_epochs=1, overrides=dict(inc_steps=(2, 3), base_warmup=0, copy=2))
+    steps = []
+    for exp in bench.train_stream:
+        strategy.train(exp)
+        steps.append(strategy._updates)
+    assert steps == [4, 2, 3]  # base: 4 classes x 8 images / batch 8; then 2 and 3 SGD steps
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [

@@ -51,7 +51,8 @@ class FSCILProtocol:
         num_layers, inc_num_layers: MLP depth of the base and incremental branches.
         base_lr_mult: lr multiplier of the base branch in incremental sessions (0: frozen and detached).
         base_lr, base_warmup, base_min_lr_ratio: base-session SGD lr, warmup iterations, cosine floor.
-        inc_lr, inc_steps, inc_warmup: incremental-session SGD lr, steps and warmup steps.
+        inc_lr, inc_steps, inc_warmup: incremental-session SGD lr, steps (one value or one per incremental
+            session) and warmup steps.
         copy: repeats of each earlier novel class mean; base_copy: repeats of the base prototypes, one value
             or one per incremental session.
         mixup_prob: probability of feature mixup (lam 0.5) per incremental step.
@@ -71,7 +72,7 @@ class FSCILProtocol:
     base_warmup: int
     base_min_lr_ratio: float
     inc_lr: float
-    inc_steps: int
+    inc_steps: Union[int, Tuple[int, ...]]
     inc_warmup: int
     copy: int
     base_copy: Union[int, Tuple[int, ...]]
@@ -80,16 +81,21 @@ class FSCILProtocol:
     weights: FSCILLossWeights
     base_mixing: BatchMixing = BatchMixing()
 
+    def per_session(self, name: str, session: int) -> int:
+        """The value of field ``name`` (an int or one int per incremental session) in ``session`` (1-based)."""
+        value = getattr(self, name)
+        return value if isinstance(value, int) else value[(session - 1) % len(value)]
 
-#: Published settings. CUB's SS2D neck is replaced by the four-scan block; mini's varying steps and
-#: base copies (100-170, 1-8) are taken at their first value.
+
+#: Published settings (the *_eval_mambafscil.py configs' step_list, copy_list, base_copy_list per incremental
+#: session). CUB's SS2D neck is replaced by the four-scan block.
 PROTOCOLS: Dict[str, FSCILProtocol] = {
     "cifar100": FSCILProtocol(640, False, 2, 2, 0.0, 0.25, 100, 0.01, 0.25, 200, 5, 1, 1, 0.75, False,
                               LOSS_WEIGHTS["cifar100"]),
-    "mini_imagenet": FSCILProtocol(512, True, 2, 2, 0.0, 0.25, 3000, 0.01, 0.01, 100, 5, 10, 1, 0.3, True,
-                                   LOSS_WEIGHTS["mini_imagenet"]),
-    "cub200": FSCILProtocol(1024, True, 2, 3, 0.2, 0.2, 0, 0.1, 0.05, 200, 5, 10, (1, 1, 2, 2, 3, 3, 1, 1, 1, 1),
-                            0.5, False, LOSS_WEIGHTS["cub200"]),
+    "mini_imagenet": FSCILProtocol(512, True, 2, 2, 0.0, 0.25, 3000, 0.01, 0.01, tuple(range(100, 171, 10)), 5, 10,
+                                   tuple(range(1, 9)), 0.3, True, LOSS_WEIGHTS["mini_imagenet"]),
+    "cub200": FSCILProtocol(1024, True, 2, 3, 0.2, 0.2, 0, 0.1, 0.05, tuple(range(200, 291, 10)), 5, 10,
+                            (1, 1, 2, 2, 3, 3, 1, 1, 1, 1), 0.5, False, LOSS_WEIGHTS["cub200"]),
 }
 
 
@@ -258,7 +264,8 @@ class MambaFSCIL(SupervisedTemplate):
                                                 lr_min=p.base_lr * p.base_min_lr_ratio, warmup_prefix=True,
                                                 t_in_epochs=False)
         else:
-            self._scheduler = CosineLRScheduler(self.optimizer, t_initial=p.inc_steps, warmup_t=p.inc_warmup,
+            self._scheduler = CosineLRScheduler(self.optimizer, t_initial=p.per_session("inc_steps", self.session),
+                                                warmup_t=p.inc_warmup,
                                                 warmup_prefix=True, t_in_epochs=False)
         self._updates = 0
 
@@ -275,7 +282,8 @@ class MambaFSCIL(SupervisedTemplate):
         check_batch_divisible(batch, name="incremental batch min(inc_mb_size, training set size)")
         # inc_steps drop_last batches from back-to-back random permutations of the set, the same on every rank
         generator = torch.Generator().manual_seed(broadcast_object(int(torch.randint(2 ** 62, ()))))
-        sampler = RandomSampler(data, num_samples=self.protocol.inc_steps * batch, generator=generator)
+        steps = self.protocol.per_session("inc_steps", self.session)
+        sampler = RandomSampler(data, num_samples=steps * batch, generator=generator)
         self.dataloader = DataLoader(data, batch_sampler=ShardedBatchSampler(BatchSampler(sampler, batch, True)))
 
     def make_optimizer(self, **kwargs) -> None:
@@ -352,7 +360,7 @@ class MambaFSCIL(SupervisedTemplate):
             self._prototypes.update(self.class_means(self._base_dataset))
         shots, shot_labels = self.backbone_maps(self.experience.dataset)
         p = self.protocol
-        base_copy = p.base_copy if isinstance(p.base_copy, int) else p.base_copy[(self.session - 1) % len(p.base_copy)]
+        base_copy = p.per_session("base_copy", self.session)
         means = [(c, m) for c, m in sorted(self._prototypes.items())]
         rep_maps = [m for c, m in means for _ in range(base_copy if c < self.num_base else p.copy)]
         rep_labels = [c for c, _ in means for _ in range(base_copy if c < self.num_base else p.copy)]
