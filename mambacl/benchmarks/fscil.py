@@ -14,16 +14,15 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from avalanche.benchmarks.scenarios import benchmark_from_datasets, with_classes_timeline, with_task_labels
-from avalanche.benchmarks.utils import PathsDataset
 # The helper Avalanche's own generators use to attach task label 0 (metric names then carry "Task000").
 from avalanche.benchmarks.utils.classification_dataset import _make_taskaware_classification_dataset
 from torchvision import transforms as T
-from torchvision.datasets import CIFAR100
 
+from mambacl.benchmarks.datasets import CIFAR100Files, ImageFiles, cap_per_class, require_dir
 from mambacl.benchmarks.registry import register_benchmark
 
 __all__ = ["FSCILSpec", "FSCIL_SPECS", "read_index_list", "label_from_list_entry", "cec_sessions",
-           "sample_sessions", "fscil_benchmark", "write_synthetic_cifar100", "fscil_cifar100",
+           "sample_sessions", "fscil_transforms", "fscil_benchmark", "write_synthetic_cifar100", "fscil_cifar100",
            "fscil_mini_imagenet", "fscil_cub200"]
 
 PathLike = Union[str, Path]
@@ -129,15 +128,45 @@ def sample_sessions(targets: Sequence[int], spec: FSCILSpec, seed: int = 0) -> L
     return sessions
 
 
-def _default_transforms(size: int, resize: int) -> Tuple[Callable, Callable]:
-    train = T.Compose([T.RandomResizedCrop(size, scale=(0.6, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                       T.RandomHorizontalFlip(), T.ColorJitter(0.4, 0.4, 0.4), T.ToTensor()])
-    test = T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor()])
+#: Mamba-FSCIL's per-dataset pipeline parameters (xiaojieli0903/Mamba-FSCIL configs/_base_/datasets/*_fscil.py;
+#: CUB's ColorJitter 0.3 from configs/cub/resnet18_etf_bs512_80e_cub_mambafscil.py): train crop size, crop scale,
+#: crop interpolation, ColorJitter strength, test resize (short side), Normalize mean/std on a 0-255 scale.
+_FSCIL_PIPELINES = {
+    "cifar100": (32, (0.6, 1.0), T.InterpolationMode.BICUBIC, 0.4, 36,
+                 (129.304, 124.070, 112.434), (68.170, 65.392, 70.418)),
+    "mini_imagenet": (84, (0.08, 1.0), T.InterpolationMode.BILINEAR, 0.4, 96,
+                      (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
+    "cub200": (224, (0.08, 1.0), T.InterpolationMode.BILINEAR, 0.3, 256,
+               (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
+}
+
+
+def fscil_transforms(dataset: str) -> Tuple[Callable, Callable]:
+    """Mamba-FSCIL's train/test pipelines for PIL images, as torchvision transforms.
+
+    Train: RandomResizedCrop (CIFAR scale 0.6-1 bicubic; mini and CUB mmcls's default scale 0.08-1 bilinear),
+    horizontal flip, ColorJitter (brightness = contrast = saturation = 0.4, CUB 0.3), ToTensor, Normalize. Test:
+    Resize of the short side (CIFAR 36 bicubic, mini 96, CUB 256), CenterCrop, ToTensor, Normalize. Normalize uses
+    the configs' ``img_norm_cfg`` divided by 255 (CIFAR-100 statistics; ImageNet's for mini and CUB).
+
+    Args:
+        dataset: a key of :data:`FSCIL_SPECS`.
+    Returns:
+        (train_transform, eval_transform).
+    """
+    if dataset not in _FSCIL_PIPELINES:
+        raise ValueError(f"dataset must be one of {sorted(_FSCIL_PIPELINES)}, got {dataset!r}")
+    size, scale, mode, jitter, resize, mean, std = _FSCIL_PIPELINES[dataset]
+    tail = [T.ToTensor(), T.Normalize([m / 255 for m in mean], [s / 255 for s in std])]
+    train = T.Compose([T.RandomResizedCrop(size, scale=scale, interpolation=mode), T.RandomHorizontalFlip(),
+                       T.ColorJitter(jitter, jitter, jitter), *tail])
+    # the test Resize is bicubic on CIFAR and mmcls's default bilinear otherwise, as the train crop
+    test = T.Compose([T.Resize(resize, interpolation=mode), T.CenterCrop(size), *tail])
     return train, test
 
 
 def fscil_benchmark(train_set, test_set, train_sessions: Sequence[Sequence[int]], spec: FSCILSpec,
-                    train_transform: Callable, eval_transform: Callable):
+                    train_transform: Callable, eval_transform: Callable, max_per_class: Optional[int] = None):
     """Avalanche benchmark with one train experience per session and cumulative test experiences.
 
     Args:
@@ -145,6 +174,8 @@ def fscil_benchmark(train_set, test_set, train_sessions: Sequence[Sequence[int]]
         train_sessions: indices into ``train_set`` per session.
         spec: session shapes (test experience t holds classes ``< num_base + t * n_way``).
         train_transform, eval_transform: the 'train' and 'eval' transform groups.
+        max_per_class: keep at most this many images per class in every session (its first ones, e.g. 2 of
+            the 5 shots) and in the test set (toy-size runs); None keeps all.
     Returns:
         a ``CLScenario`` with ``train_stream`` and ``test_stream``, a classes timeline and task label 0.
     """
@@ -153,21 +184,16 @@ def fscil_benchmark(train_set, test_set, train_sessions: Sequence[Sequence[int]]
     groups = {"train": (train_transform, None), "eval": (eval_transform, None)}
     train_ds = _make_taskaware_classification_dataset(train_set, task_labels=0, transform_groups=groups)
     test_ds = _make_taskaware_classification_dataset(test_set, task_labels=0, transform_groups=groups)
+    train_targets = np.asarray(train_set.targets)
     test_targets = np.asarray(test_set.targets)
+    test_kept = np.asarray(cap_per_class(test_targets.tolist(), max_per_class), dtype=np.int64)
     train, test = [], []
     for t, idx in enumerate(train_sessions):
         seen = spec.num_base + t * spec.n_way
-        train.append(train_ds.subset(list(idx)))
-        test.append(test_ds.subset(np.flatnonzero(test_targets < seen).tolist()).eval())
+        idx = [idx[i] for i in cap_per_class(train_targets[list(idx)].tolist(), max_per_class)]
+        train.append(train_ds.subset(idx))
+        test.append(test_ds.subset(test_kept[test_targets[test_kept] < seen].tolist()).eval())
     return with_task_labels(with_classes_timeline(benchmark_from_datasets(train=train, test=test)))
-
-
-class _CIFAR100Files(CIFAR100):
-    """torchvision CIFAR-100 reading the python pickles without their md5 checks (custom or regenerated copies)."""
-
-    train_list = [["train", None]]
-    test_list = [["test", None]]
-    meta = {**CIFAR100.meta, "md5": None}
 
 
 def write_synthetic_cifar100(root: PathLike, num_classes: int, train_per_class: int, test_per_class: int,
@@ -206,12 +232,6 @@ def write_synthetic_cifar100(root: PathLike, num_classes: int, train_per_class: 
     return folder
 
 
-def _require_dir(path: Path, what: str) -> Path:
-    if not path.is_dir():
-        raise FileNotFoundError(f"{what} not found: {path} does not exist or is not a folder")
-    return path
-
-
 def _row_indices(entries: Sequence[str], num_rows: int) -> List[int]:
     try:
         rows = [int(e) for e in entries]
@@ -225,7 +245,8 @@ def _row_indices(entries: Sequence[str], num_rows: int) -> List[int]:
 @register_benchmark("fscil_cifar100", default_model="resnet12")
 def fscil_cifar100(root: PathLike = "~/.cache/mambacl/cifar100", index_dir: Optional[PathLike] = None, seed: int = 0,
                    train_transform: Optional[Callable] = None, eval_transform: Optional[Callable] = None,
-                   spec: Union[FSCILSpec, Dict[str, int]] = FSCIL_SPECS["cifar100"]):
+                   spec: Union[FSCILSpec, Dict[str, int]] = FSCIL_SPECS["cifar100"],
+                   max_per_class: Optional[int] = None):
     """FSCIL CIFAR-100: 60 base classes + 8 sessions of 5-way 5-shot (CEC index lists or a seeded sampler).
 
     The CEC lists are row indices into the python train array. Test experience t covers all seen classes.
@@ -234,40 +255,31 @@ def fscil_cifar100(root: PathLike = "~/.cache/mambacl/cifar100", index_dir: Opti
         root: folder containing ``cifar-100-python/`` (torchvision layout; nothing is downloaded).
         index_dir: CEC ``cifar100`` index-list folder; None for the seeded sampler.
         seed: sampler seed when ``index_dir`` is None.
-        train_transform, eval_transform: defaults are the paper's (RandomResizedCrop 32 / resize 36 + crop 32).
+        train_transform, eval_transform: defaults are the configs' (see :func:`fscil_transforms`).
         spec: session shapes, or a mapping of FSCILSpec fields (override for small synthetic data).
+        max_per_class: keep at most this many images per class in every session and in the test set (the
+            first ones; toy-size runs), see :func:`fscil_benchmark`.
     """
     spec = spec if isinstance(spec, FSCILSpec) else FSCILSpec(**spec)
     root = Path(root).expanduser()
-    _require_dir(root / "cifar-100-python", "CIFAR-100 python folder")
-    train_set = _CIFAR100Files(str(root), train=True, download=False)
-    test_set = _CIFAR100Files(str(root), train=False, download=False)
+    require_dir(root / "cifar-100-python", "CIFAR-100 python folder",
+                f"extract {CIFAR100Files.url} into {root} (nothing is downloaded)")
+    train_set = CIFAR100Files(str(root), train=True, download=False)
+    test_set = CIFAR100Files(str(root), train=False, download=False)
     if index_dir is None:
         sessions = sample_sessions(train_set.targets, spec, seed)
     else:
         sessions = [_row_indices(s, len(train_set)) for s in read_index_list(index_dir, spec.num_sessions)]
-    tr, te = _default_transforms(32, 36)
-    return fscil_benchmark(train_set, test_set, sessions, spec, train_transform or tr, eval_transform or te)
-
-
-class _Paths:
-    """Minimal (path, label) image dataset with ``targets``, loaded by Avalanche's :class:`PathsDataset`."""
-
-    def __init__(self, root: Path, files: List[Tuple[str, int]]) -> None:
-        self.inner = PathsDataset(root, files)
-        self.targets = [label for _, label in files]
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int):
-        return self.inner[i]
+    tr, te = fscil_transforms("cifar100")
+    return fscil_benchmark(train_set, test_set, sessions, spec, train_transform or tr, eval_transform or te,
+                           max_per_class)
 
 
 def _path_benchmark(dataset: str, root: Path, train_files: List[Tuple[str, int]], test_files: List[Tuple[str, int]],
-                    index_dir: Optional[PathLike], seed: int, transforms: Tuple[Callable, Callable]):
+                    index_dir: Optional[PathLike], seed: int, transforms: Tuple[Callable, Callable],
+                    max_per_class: Optional[int]):
     spec = FSCIL_SPECS[dataset]
-    train_set, test_set = _Paths(root, train_files), _Paths(root, test_files)
+    train_set, test_set = ImageFiles(root, train_files), ImageFiles(root, test_files)
     if index_dir is None:
         sessions = sample_sessions(train_set.targets, spec, seed)
     else:
@@ -276,44 +288,46 @@ def _path_benchmark(dataset: str, root: Path, train_files: List[Tuple[str, int]]
             sessions = [[position[e] for e in s] for s in cec_sessions(dataset, index_dir)]
         except KeyError as err:
             raise FileNotFoundError(f"index-list image {err.args[0]} is not among the training images") from None
-    return fscil_benchmark(train_set, test_set, sessions, spec, *transforms)
+    return fscil_benchmark(train_set, test_set, sessions, spec, *transforms, max_per_class)
 
 
 @register_benchmark("fscil_mini_imagenet", default_model="resnet12")
-def fscil_mini_imagenet(root: PathLike = "~/.cache/mambacl/mini_imagenet", index_dir: Optional[PathLike] = None, seed: int = 0,
-                        train_transform: Optional[Callable] = None, eval_transform: Optional[Callable] = None):
+def fscil_mini_imagenet(root: PathLike = "~/.cache/mambacl/mini_imagenet", index_dir: Optional[PathLike] = None,
+                        seed: int = 0, train_transform: Optional[Callable] = None,
+                        eval_transform: Optional[Callable] = None, max_per_class: Optional[int] = None):
     """FSCIL miniImageNet: 60 base classes + 8 sessions of 5-way 5-shot (classes in sorted-wnid order).
 
     Args:
         root: folder holding ``MINI-ImageNet/train/<wnid>/*.jpg`` and ``MINI-ImageNet/test/<wnid>/*.jpg``
             (the CEC list paths are relative to it).
-        index_dir, seed, train_transform, eval_transform: as in :func:`fscil_cifar100` (84 px).
+        index_dir, seed, train_transform, eval_transform, max_per_class: as in :func:`fscil_cifar100` (84 px).
     """
     root = Path(root).expanduser()
-    base = _require_dir(root / "MINI-ImageNet", "miniImageNet folder")
-    wnids = sorted(p.name for p in _require_dir(base / "train", "miniImageNet train folder").iterdir() if p.is_dir())
+    base = require_dir(root / "MINI-ImageNet", "miniImageNet folder")
+    wnids = sorted(p.name for p in require_dir(base / "train", "miniImageNet train folder").iterdir() if p.is_dir())
 
     def files(split: str) -> List[Tuple[str, int]]:
-        folder = _require_dir(base / split, f"miniImageNet {split} folder")
+        folder = require_dir(base / split, f"miniImageNet {split} folder")
         return [(str(p.relative_to(root)), wnids.index(p.parent.name))
                 for w in wnids for p in sorted((folder / w).glob("*.jpg"))]
 
-    tr, te = _default_transforms(84, 96)
+    tr, te = fscil_transforms("mini_imagenet")
     return _path_benchmark("mini_imagenet", Path(root), files("train"), files("test"), index_dir, seed,
-                           (train_transform or tr, eval_transform or te))
+                           (train_transform or tr, eval_transform or te), max_per_class)
 
 
 @register_benchmark("fscil_cub200", default_model="resnet18")
 def fscil_cub200(root: PathLike = "~/.cache/mambacl/cub200", index_dir: Optional[PathLike] = None, seed: int = 0,
-                 train_transform: Optional[Callable] = None, eval_transform: Optional[Callable] = None):
+                 train_transform: Optional[Callable] = None, eval_transform: Optional[Callable] = None,
+                 max_per_class: Optional[int] = None):
     """FSCIL CUB-200: 100 base classes + 10 sessions of 10-way 5-shot (label = folder prefix NNN - 1).
 
     Args:
         root: folder holding ``CUB_200_2011/`` with ``images/``, ``images.txt`` and ``train_test_split.txt``.
-        index_dir, seed, train_transform, eval_transform: as in :func:`fscil_cifar100` (224 px).
+        index_dir, seed, train_transform, eval_transform, max_per_class: as in :func:`fscil_cifar100` (224 px).
     """
     root = Path(root).expanduser()
-    base = _require_dir(root / "CUB_200_2011", "CUB_200_2011 folder")
+    base = require_dir(root / "CUB_200_2011", "CUB_200_2011 folder")
     for name in ("images.txt", "train_test_split.txt"):
         if not (base / name).is_file():
             raise FileNotFoundError(f"CUB-200 file {base / name} is missing")
@@ -323,7 +337,6 @@ def fscil_cub200(root: PathLike = "~/.cache/mambacl/cub200", index_dir: Optional
     for image_id, rel in paths.items():
         entry = f"CUB_200_2011/images/{rel}"
         files[split[image_id]].append((entry, label_from_list_entry("cub200", entry)))
-    tr = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ColorJitter(0.3, 0.3, 0.3), T.ToTensor()])
-    te = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor()])
+    tr, te = fscil_transforms("cub200")
     return _path_benchmark("cub200", Path(root), files["1"], files["0"], index_dir, seed,
-                           (train_transform or tr, eval_transform or te))
+                           (train_transform or tr, eval_transform or te), max_per_class)

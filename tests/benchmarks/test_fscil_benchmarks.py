@@ -6,12 +6,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from torchvision import transforms as T
 
 from mambacl.benchmarks.fscil import (
     FSCIL_SPECS,
     FSCILSpec,
     cec_sessions,
     fscil_cifar100,
+    fscil_transforms,
     fscil_cub200,
     fscil_mini_imagenet,
     label_from_list_entry,
@@ -54,7 +57,6 @@ def test_mini_imagenet_lists_class_sets():
 def test_cub200_lists_class_sets():
     sessions = cec_sessions("cub200", LISTS / "cub200")
     assert [len(s) for s in sessions] == [3000] + [50] * 10
-    spec = FSCIL_SPECS["cub200"]
     seen = set()
     for t, entries in enumerate(sessions):
         labels = [label_from_list_entry("cub200", e) for e in entries]
@@ -153,8 +155,54 @@ def test_cifar_benchmark_from_index_lists(cifar_root, tmp_path):
         fscil_cifar100(cifar_root, index_dir=tmp_path, spec=SMALL)
 
 
+def _first_image_per_class(dataset):
+    firsts = {}
+    for x, y, *_ in dataset.eval():
+        firsts.setdefault(int(y), x)
+    return firsts
+
+
+def test_fscil_max_per_class_keeps_the_first_images_of_every_class(cifar_root):
+    full = fscil_cifar100(cifar_root, spec=SMALL, seed=0)
+    small = fscil_cifar100(cifar_root, spec=SMALL, seed=0, max_per_class=1)
+    streams = [(small.train_stream, full.train_stream), (small.test_stream, full.test_stream)]
+    for kind, (capped, complete) in enumerate(streams):
+        for t, (exp, exp_full) in enumerate(zip(capped, complete)):
+            seen = list(range(4 + 2 * t))
+            assert _labels(exp.dataset) == (seen if kind else seen[-2:] if t else seen)
+            firsts = _first_image_per_class(exp_full.dataset)
+            assert all(torch.equal(x, firsts[int(y)]) for x, y, *_ in exp.dataset.eval())
+
+
+@pytest.mark.parametrize("dataset,size,scale,mode,jitter,resize,mean,std", [
+    # configs/_base_/datasets/cifar_fscil.py: RRC 32 scale (0.6, 1) bicubic, flip, ColorJitter 0.4, Normalize;
+    # test Resize (36, -1) bicubic + CenterCrop 32
+    ("cifar100", 32, (0.6, 1.0), "bicubic", 0.4, 36, (129.304, 124.070, 112.434), (68.170, 65.392, 70.418)),
+    # mini_imagenet_fscil.py: RRC 84 (mmcls default scale, bilinear); test Resize (int(84 * 1.15), -1) + crop 84
+    ("mini_imagenet", 84, (0.08, 1.0), "bilinear", 0.4, 96, (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
+    # configs/cub/resnet18_etf_bs512_80e_cub_mambafscil.py overrides ColorJitter to 0.3
+    ("cub200", 224, (0.08, 1.0), "bilinear", 0.3, 256, (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
+], ids=["cifar100", "mini_imagenet", "cub200"])
+def test_fscil_default_transforms_are_the_configs(dataset, size, scale, mode, jitter, resize, mean, std):
+    interp = T.InterpolationMode(mode)
+    norm = T.Normalize([m / 255 for m in mean], [s / 255 for s in std])
+    theirs_train = T.Compose([T.RandomResizedCrop(size, scale=scale, interpolation=interp), T.RandomHorizontalFlip(),
+                              T.ColorJitter(jitter, jitter, jitter), T.ToTensor(), norm])
+    # the test Resize interpolates bicubic on CIFAR, mmcls's default bilinear on mini and CUB
+    theirs_test = T.Compose([T.Resize(resize, interpolation=interp), T.CenterCrop(size), T.ToTensor(), norm])
+    train, test = fscil_transforms(dataset)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size + 7, size + 3, 3), dtype=np.uint8))
+    assert torch.equal(test(image), theirs_test(image)) and test(image).shape == (3, size, size)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        ours = train(image)
+        torch.manual_seed(seed)
+        assert torch.equal(ours, theirs_train(image))
+    with pytest.raises(ValueError, match="dataset"):
+        fscil_transforms("cifar10")
+
+
 def _write_jpg(path: Path, value: int) -> None:
-    from PIL import Image
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.full((8, 8, 3), value, dtype=np.uint8)).save(path)
 

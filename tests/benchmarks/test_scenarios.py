@@ -9,8 +9,10 @@ import torch
 import yaml
 from PIL import Image
 from sklearn.datasets import load_digits
+from torchvision import transforms as T
 
-from mambacl.benchmarks import class_order, create_benchmark, imagenet_r, read_coda_split, split_cifar100, split_digits
+from mambacl.benchmarks import (class_order, create_benchmark, imagenet_r, mambacl_transforms, read_coda_split,
+                                split_cifar100, split_digits)
 from mambacl.benchmarks.fscil import write_synthetic_cifar100
 from mambacl.experiments.results import accuracy_matrix, summarize
 
@@ -158,3 +160,113 @@ def test_accuracy_matrix_and_summary_by_hand():
     final = summarize(rows)
     assert final["avg_incremental_acc"] == pytest.approx(0.75) and final["acc_sample_weighted"] == 0.6
     assert final["forgetting"] == 0.4 and final["acc_task_mean"] == 0.65
+
+
+def _authors_task_classes(class_list, num_tasks, seed):
+    """zugexiaodui/mamba-cl utils/continual_manager.py ClassIncrementalManager (shuffle_level 'class')."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    task_class_list = np.array(class_list, dtype=np.int64)
+    rng.shuffle(task_class_list)
+    return np.reshape(task_class_list, [num_tasks, -1]).tolist()
+
+
+@pytest.mark.parametrize("seed", [2024, 2025, 2026])
+def test_mambacl_class_order_is_the_authors_manager(seed, tmp_path):
+    expected = _authors_task_classes(list(range(100)), 10, seed)
+    assert class_order(f"mambacl:{seed}", range(100)) == [c for task in expected for c in task]
+    state = np.random.get_state()[1].copy()
+    class_order(f"mambacl:{seed}", range(10))
+    assert (np.random.get_state()[1] == state).all()
+    # their labels relabelled: our class mambacl_labels[i] is their class i
+    relabel = [(7 * i) % 100 for i in range(100)]
+    assert class_order(f"mambacl:{seed}", range(100), relabel) == [relabel[c] for task in expected for c in task]
+    # Split CIFAR-100: their CIFAR label is the fine label (tools/cifar100_*.txt folders), so experiences match
+    write_synthetic_cifar100(tmp_path, num_classes=100, train_per_class=1, test_per_class=1)
+    bench = split_cifar100(tmp_path, class_order=f"mambacl:{seed}", img_size=32)
+    for exp, task in zip(bench.train_stream, expected):
+        assert sorted(bench.class_order[c] for c in exp.classes_in_this_experience) == sorted(task)
+
+
+@pytest.mark.skipif(not CODA.is_dir(), reason=f"CODA-Prompt split files not found in {CODA} (shared data absent)")
+def test_imagenet_r_mambacl_order_uses_their_sorted_wnid_labels(tmp_path):
+    """Their ImageNetRPath labels classes by sorted wnid, CODA's yaml does not: the order must follow the wnids."""
+    train, test = read_coda_split(CODA / "imagenet-r_train.yaml"), read_coda_split(CODA / "imagenet-r_test.yaml")
+    first = {}
+    for is_test, entries in enumerate((train, test)):
+        for rel, label in entries:
+            first.setdefault((label, is_test), rel)
+    root = tmp_path / "imagenet-r"
+    _imagenet_r_tree(root, [(rel, label) for (label, _), rel in first.items()])
+    bench = imagenet_r(root, CODA / "imagenet-r_train.yaml", CODA / "imagenet-r_test.yaml", max_per_class=1,
+                       class_order="mambacl:2024", img_size=8)
+    assert [len(e.dataset) for e in bench.train_stream] == [20] * 10
+    wnids = sorted({rel.split("/")[0] for rel, _ in train})
+    coda_label = {rel.split("/")[0]: label for rel, label in train}
+    for exp, task in zip(bench.train_stream, _authors_task_classes(list(range(200)), 10, 2024)):
+        assert sorted(bench.class_order[c] for c in exp.classes_in_this_experience) == \
+            sorted(coda_label[wnids[i]] for i in task)
+
+
+def _photo(size=(37, 29), seed=0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("dataset", ["cifar100", "imagenet_r", "domainnet"])
+def test_mambacl_transforms_match_the_authors_pipelines(dataset):
+    """zugexiaodui/mamba-cl utils/dataset_builder.py define_dataset, transform_type 'autoaug', 192 px."""
+    cifar = dataset == "cifar100"
+    interp = T.InterpolationMode.BICUBIC if cifar else T.InterpolationMode.BILINEAR  # train_eval.py interp 'auto'
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    policy = T.AutoAugmentPolicy.CIFAR10 if cifar else T.AutoAugmentPolicy.IMAGENET
+    theirs_train = T.Compose([T.AutoAugment(policy, T.InterpolationMode.BILINEAR),
+                              T.RandomResizedCrop((192, 192), interpolation=interp, antialias=True), T.ToTensor(),
+                              T.Normalize(mean, std)])
+    if cifar:
+        theirs_eval = T.Compose([T.Resize((192, 192), antialias=True, interpolation=interp), T.ToTensor(),
+                                 T.Normalize(mean, std)])
+    else:
+        theirs_eval = T.Compose([T.Resize((224, 224), antialias=True, interpolation=interp), T.CenterCrop(192),
+                                 T.ToTensor(), T.Normalize(mean, std)])
+    train, evaluate = mambacl_transforms(dataset, 192)
+    image = _photo()
+    assert torch.equal(evaluate(image), theirs_eval(image))
+    assert [type(t) for t in train.transforms] == [T.AutoAugment, T.RandomResizedCrop, T.ToTensor, T.Normalize]
+    auto, crop = train.transforms[:2]
+    assert (auto.policy, auto.interpolation) == (policy, T.InterpolationMode.BILINEAR)
+    assert (crop.size, crop.scale, crop.interpolation) == ((192, 192), (0.08, 1.0), interp)
+    for seed in range(3):  # same random draws -> same augmented tensor
+        torch.manual_seed(seed)
+        ours = train(image)
+        torch.manual_seed(seed)
+        assert torch.equal(ours, theirs_train(image))
+
+
+def test_builders_take_the_mambacl_transforms_and_max_per_class(tmp_path):
+    folder = write_synthetic_cifar100(tmp_path, num_classes=100, train_per_class=3, test_per_class=2)
+    bench = split_cifar100(tmp_path, augment="mambacl", img_size=16, max_per_class=2, n_experiences=2)
+    assert [len(e.dataset) for e in bench.train_stream] == [100, 100]
+    assert [len(e.dataset) for e in bench.test_stream] == [100, 100]
+    x, y, _ = bench.test_stream[1].dataset.eval()[0]
+    assert x.shape == (3, 16, 16)
+    with open(folder / "test", "rb") as f:
+        raw = pickle.load(f)
+    # the kept test images are the first two of every class, in file order
+    kept = [i for c in range(100) for i in [j for j, t in enumerate(raw["fine_labels"]) if t == c][:2]]
+    eval_set = bench.test_stream[0].dataset.eval()
+    image = Image.fromarray(raw["data"][kept[0]].reshape(3, 32, 32).transpose(1, 2, 0))
+    first = mambacl_transforms("cifar100", 16)[1](image)
+    assert any(torch.equal(eval_set[i][0], first) for i in range(len(eval_set)))
+    everything = split_cifar100(tmp_path, img_size=32, max_per_class=10 ** 6)
+    assert sum(len(e.dataset) for e in everything.train_stream) == 300
+
+
+def test_split_cifar100_never_downloads_unless_asked(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR100
+
+    def no_network(self):
+        raise AssertionError("split_cifar100 tried to download")
+    monkeypatch.setattr(CIFAR100, "download", no_network)
+    with pytest.raises(FileNotFoundError) as err:
+        split_cifar100(tmp_path / "none")
+    message = str(err.value)
+    assert f"root={tmp_path / 'none'}" in message and "download=True" in message and "extract" in message

@@ -1,11 +1,14 @@
 """The Mamba-FSCIL strategy: base session on images, incremental sessions on cached backbone maps.
 
-Base session: backbone + base branch + fixed ETF head trained end to end with the dot-regression loss.
+Base session: backbone + base branch + fixed ETF head trained end to end with the dot-regression loss, optionally
+on batches mixed by mixup / cutmix (``base_mixing``, :mod:`mambacl.strategies.fscil.augment`; off by default,
+the CIFAR-100 config's values in :data:`~mambacl.strategies.fscil.augment.PUBLISHED_BASE_MIXING`).
 Incremental session t (xiaojieli0903/Mamba-FSCIL ``mmfscil/apis/fscil.py``, without its distributed set-up):
 the backbone is frozen and its maps are extracted once with the eval transform; the training set is the
 session's shots, plus the mean map of every earlier novel class repeated ``copy`` times, plus the base
 class prototypes (mean maps) repeated ``base_copy`` times; a fresh zero-gated incremental branch is trained
-for ``inc_steps`` SGD steps with feature mixup (lam 0.5, probability ``mixup_prob``), the dot-regression,
+for ``inc_steps`` SGD steps with feature mixup (lam 0.5 on the projector output, probability ``mixup_prob``), the
+dot-regression,
 suppression and separation losses. See ``fscil.md`` for the published protocol.
 
 Data-parallel (a :class:`~mambacl.strategies.plugins.DistributedPlugin` under torchrun): the base session
@@ -29,6 +32,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorData
 
 from mambacl.strategies.distributed import (ShardedBatchSampler, all_reduce_statistics_, broadcast_object,
                                             check_batch_divisible, gather_rows, round_robin_loader, unwrap_model)
+from mambacl.strategies.fscil.augment import BatchMixing, mix_batch
 from mambacl.strategies.fscil.backbones import FeatureMapBackbone
 from mambacl.strategies.fscil.etf import ETFHead, cosine_regression_loss, dot_regression_loss, length_weights
 from mambacl.strategies.fscil.losses import LOSS_WEIGHTS, FSCILLossWeights, separation_loss, suppression_loss
@@ -47,12 +51,16 @@ class FSCILProtocol:
         num_layers, inc_num_layers: MLP depth of the base and incremental branches.
         base_lr_mult: lr multiplier of the base branch in incremental sessions (0: frozen and detached).
         base_lr, base_warmup, base_min_lr_ratio: base-session SGD lr, warmup iterations, cosine floor.
-        inc_lr, inc_steps, inc_warmup: incremental-session SGD lr, steps and warmup steps.
+        inc_lr, inc_steps, inc_warmup: incremental-session SGD lr, steps (one value or one per incremental
+            session) and warmup steps.
         copy: repeats of each earlier novel class mean; base_copy: repeats of the base prototypes, one value
             or one per incremental session.
         mixup_prob: probability of feature mixup (lam 0.5) per incremental step.
         with_len_base: dot-regression target lengths in the base session.
         weights: the incremental-session loss weights.
+        base_mixing: base-session batch mixup/cutmix (a :class:`BatchMixing` or a mapping of its fields); off in
+            every preset (the published values are :data:`~mambacl.strategies.fscil.augment.PUBLISHED_BASE_MIXING`,
+            e.g. ``overrides=dict(base_mixing=PUBLISHED_BASE_MIXING["cifar100"])``).
     """
 
     dim: int
@@ -64,24 +72,30 @@ class FSCILProtocol:
     base_warmup: int
     base_min_lr_ratio: float
     inc_lr: float
-    inc_steps: int
+    inc_steps: Union[int, Tuple[int, ...]]
     inc_warmup: int
     copy: int
     base_copy: Union[int, Tuple[int, ...]]
     mixup_prob: float
     with_len_base: bool
     weights: FSCILLossWeights
+    base_mixing: BatchMixing = BatchMixing()
+
+    def per_session(self, name: str, session: int) -> int:
+        """The value of field ``name`` (an int or one int per incremental session) in ``session`` (1-based)."""
+        value = getattr(self, name)
+        return value if isinstance(value, int) else value[(session - 1) % len(value)]
 
 
-#: Published settings. CUB's SS2D neck is replaced by the four-scan block; mini's varying steps and
-#: base copies (100-170, 1-8) are taken at their first value.
+#: Published settings (the *_eval_mambafscil.py configs' step_list, copy_list, base_copy_list per incremental
+#: session). CUB's SS2D neck is replaced by the four-scan block.
 PROTOCOLS: Dict[str, FSCILProtocol] = {
     "cifar100": FSCILProtocol(640, False, 2, 2, 0.0, 0.25, 100, 0.01, 0.25, 200, 5, 1, 1, 0.75, False,
                               LOSS_WEIGHTS["cifar100"]),
-    "mini_imagenet": FSCILProtocol(512, True, 2, 2, 0.0, 0.25, 3000, 0.01, 0.01, 100, 5, 10, 1, 0.3, True,
-                                   LOSS_WEIGHTS["mini_imagenet"]),
-    "cub200": FSCILProtocol(1024, True, 2, 3, 0.2, 0.2, 0, 0.1, 0.05, 200, 5, 10, (1, 1, 2, 2, 3, 3, 1, 1, 1, 1),
-                            0.5, False, LOSS_WEIGHTS["cub200"]),
+    "mini_imagenet": FSCILProtocol(512, True, 2, 2, 0.0, 0.25, 3000, 0.01, 0.01, tuple(range(100, 171, 10)), 5, 10,
+                                   tuple(range(1, 9)), 0.3, True, LOSS_WEIGHTS["mini_imagenet"]),
+    "cub200": FSCILProtocol(1024, True, 2, 3, 0.2, 0.2, 0, 0.1, 0.05, tuple(range(200, 291, 10)), 5, 10,
+                            (1, 1, 2, 2, 3, 3, 1, 1, 1, 1), 0.5, False, LOSS_WEIGHTS["cub200"]),
 }
 
 
@@ -104,13 +118,15 @@ class FSCILModel(nn.Module):
 
         Args:
             x: ``[b, 3, H, W]`` images, or backbone maps ``[b, C, h, w]`` when ``from_maps``.
-            mix_perm: feature mixup with lam 0.5: the maps become ``(maps + maps[mix_perm]) / 2``.
-            return_neck: also return the neck's :class:`NeckOutput` (the losses' inputs).
+            mix_perm: feature mixup with lam 0.5: the projector output becomes ``(f + f[mix_perm]) / 2`` (the
+                authors' ``mixup_feat`` on the neck's output, mmfscil/models/classifier.py); the neck's other
+                outputs (the suppression and separation inputs) stay those of the unmixed batch.
+            return_neck: also return the neck's :class:`NeckOutput` (the losses' inputs, ``feat`` mixed).
         """
         maps = x if from_maps else self.backbone(x)
-        if mix_perm is not None:
-            maps = 0.5 * maps + 0.5 * maps[mix_perm]
         neck_out = self.neck(maps)
+        if mix_perm is not None:
+            neck_out = replace(neck_out, feat=0.5 * neck_out.feat + 0.5 * neck_out.feat[mix_perm])
         logits = self.head(neck_out.feat)
         return (logits, neck_out) if return_neck else logits
 
@@ -186,6 +202,11 @@ class MambaFSCIL(SupervisedTemplate):
             self.protocol = replace(PROTOCOLS[protocol], **(overrides or {}))
         except TypeError as err:
             raise TypeError(f"overrides must name FSCILProtocol fields: {err}") from None
+        if isinstance(self.protocol.base_mixing, dict):
+            self.protocol = replace(self.protocol, base_mixing=BatchMixing(**self.protocol.base_mixing))
+        if not isinstance(self.protocol.base_mixing, BatchMixing):
+            raise TypeError(f"overrides['base_mixing'] must be a BatchMixing or a mapping of its fields, got "
+                            f"{type(self.protocol.base_mixing).__name__}")
         if isinstance(backbone, str):
             backbone = FeatureMapBackbone(backbone, img_size)
         chs, height, width = backbone.out_shape
@@ -206,7 +227,7 @@ class MambaFSCIL(SupervisedTemplate):
         self._prototypes: Dict[int, torch.Tensor] = {}
         self._scheduler: Optional[CosineLRScheduler] = None
         self._updates = 0
-        self._mix: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self._mix: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None
         self._neck_out: Optional[NeckOutput] = None
         super().__init__(model=model, optimizer=optimizer, train_mb_size=train_mb_size, train_epochs=train_epochs,
                          eval_mb_size=eval_mb_size, device=device, plugins=plugins, evaluator=evaluator,
@@ -243,7 +264,8 @@ class MambaFSCIL(SupervisedTemplate):
                                                 lr_min=p.base_lr * p.base_min_lr_ratio, warmup_prefix=True,
                                                 t_in_epochs=False)
         else:
-            self._scheduler = CosineLRScheduler(self.optimizer, t_initial=p.inc_steps, warmup_t=p.inc_warmup,
+            self._scheduler = CosineLRScheduler(self.optimizer, t_initial=p.per_session("inc_steps", self.session),
+                                                warmup_t=p.inc_warmup,
                                                 warmup_prefix=True, t_in_epochs=False)
         self._updates = 0
 
@@ -260,7 +282,8 @@ class MambaFSCIL(SupervisedTemplate):
         check_batch_divisible(batch, name="incremental batch min(inc_mb_size, training set size)")
         # inc_steps drop_last batches from back-to-back random permutations of the set, the same on every rank
         generator = torch.Generator().manual_seed(broadcast_object(int(torch.randint(2 ** 62, ()))))
-        sampler = RandomSampler(data, num_samples=self.protocol.inc_steps * batch, generator=generator)
+        steps = self.protocol.per_session("inc_steps", self.session)
+        sampler = RandomSampler(data, num_samples=steps * batch, generator=generator)
         self.dataloader = DataLoader(data, batch_sampler=ShardedBatchSampler(BatchSampler(sampler, batch, True)))
 
     def make_optimizer(self, **kwargs) -> None:
@@ -337,7 +360,7 @@ class MambaFSCIL(SupervisedTemplate):
             self._prototypes.update(self.class_means(self._base_dataset))
         shots, shot_labels = self.backbone_maps(self.experience.dataset)
         p = self.protocol
-        base_copy = p.base_copy if isinstance(p.base_copy, int) else p.base_copy[(self.session - 1) % len(p.base_copy)]
+        base_copy = p.per_session("base_copy", self.session)
         means = [(c, m) for c, m in sorted(self._prototypes.items())]
         rep_maps = [m for c, m in means for _ in range(base_copy if c < self.num_base else p.copy)]
         rep_labels = [c for c, _ in means for _ in range(base_copy if c < self.num_base else p.copy)]
@@ -351,20 +374,28 @@ class MambaFSCIL(SupervisedTemplate):
 
     # --------------------------------------------------------------------------------- forward and loss
     def forward(self) -> torch.Tensor:
-        """Images -> logits in the base session and in eval; cached maps (with feature mixup) -> logits else."""
+        """Images -> logits in the base session (mixed by ``base_mixing`` when on) and in eval; cached maps
+        (with feature mixup) -> logits in the incremental sessions."""
         from_maps = self.is_training and self.session > 0
-        perm, self._mix = None, None
-        if from_maps and random.random() < self.protocol.mixup_prob:
+        x, perm, self._mix = self.mb_x, None, None
+        if self.is_training and self.session == 0 and self.protocol.base_mixing.enabled:
+            mixed = mix_batch(self.mb_x, self.mb_y, self.protocol.base_mixing)
+            x = mixed.x
+            if mixed.y_b is not None:
+                self._mix = (mixed.y_a, mixed.y_b, mixed.lam)
+        elif from_maps and random.random() < self.protocol.mixup_prob:
             perm = torch.randperm(self.mb_x.shape[0], device=self.mb_x.device)
-            self._mix = (self.mb_y, self.mb_y[perm])
-        logits, self._neck_out = self.model(self.mb_x, from_maps=from_maps, mix_perm=perm, return_neck=True)
+            self._mix = (self.mb_y, self.mb_y[perm], 0.5)
+        logits, self._neck_out = self.model(x, from_maps=from_maps, mix_perm=perm, return_neck=True)
         return logits
 
     def criterion(self) -> torch.Tensor:
-        """Dot-regression loss (mixup: 0.5 on each label set), plus suppression and separation after the base.
+        """Dot-regression loss, plus suppression and separation after the base session.
 
-        The batch-level terms (target lengths, suppression, separation) are computed on the global batch, gathered
-        over the ranks in a process group (:func:`gather_rows`), so data-parallel training follows the
+        A mixed batch (labels y_a, y_b, ratio lam) gives ``lam L(y_a) + (1 - lam) L(y_b)``; in the base session
+        with ``base_mixing.mix_loss == 'authors'`` ``L(y_a)`` is added once more, as the authors' classifier
+        does. The batch-level terms (target lengths, suppression, separation) are computed on the global batch,
+        gathered over the ranks in a process group (:func:`gather_rows`), so data-parallel training follows the
         single-process gradients.
         """
         if not self.is_training:
@@ -374,9 +405,15 @@ class MambaFSCIL(SupervisedTemplate):
         labels = gather_rows(self.mb_y)
         with_len = p.with_len_base if self.session == 0 else p.weights.with_len
         lengths = length_weights(labels, self.num_classes) if with_len else None
-        targets = [self.mb_y] if self._mix is None else list(self._mix)
         etf = self.fscil_model.head.weight
-        loss = sum(dot_regression_loss(out.feat, t, etf, lengths) for t in targets) / len(targets)
+        if self._mix is None:
+            loss = dot_regression_loss(out.feat, self.mb_y, etf, lengths)
+        else:
+            y_a, y_b, lam = self._mix
+            loss_a = dot_regression_loss(out.feat, y_a, etf, lengths)
+            loss = lam * loss_a + (1 - lam) * dot_regression_loss(out.feat, y_b, etf, lengths)
+            if self.session == 0 and p.base_mixing.mix_loss == "authors":
+                loss = loss + loss_a
         if self.session == 0:
             return loss
         w = p.weights
@@ -451,8 +488,9 @@ class MambaFSCIL(SupervisedTemplate):
 @register_strategy("mamba-fscil")
 def mamba_fscil(setup: TrainSetup, *, protocol: str = "cifar100", num_classes: int = 100, num_base: int = 60,
                 img_size: int = 32, base_lr: Optional[float] = None, inc_steps: Optional[int] = None,
-                inc_mb_size: int = 64, d_state: int = 256, dt_rank: int = 256,
-                fresh_branch: bool = True) -> MambaFSCIL:
+                inc_mb_size: int = 64, d_state: int = 256, dt_rank: int = 256, fresh_branch: bool = True,
+                base_mixup_alpha: float = 0.0, base_mixup_prob: float = 0.0, base_cutmix_alpha: float = 0.0,
+                base_cutmix_prob: float = 0.0, base_mix_loss: str = "authors") -> MambaFSCIL:
     """Mamba-FSCIL: dual selective SSM projector on the backbone's map, fixed ETF head (see MambaFSCIL).
 
     SGD at the protocol's learning rates; the run's (AdamW) lr and weight decay do not apply. Use a
@@ -465,9 +503,16 @@ def mamba_fscil(setup: TrainSetup, *, protocol: str = "cifar100", num_classes: i
         base_lr, inc_steps: override the protocol's base-session lr and incremental steps.
         inc_mb_size: incremental batch. d_state, dt_rank: SSM sizes of the neck.
         fresh_branch: a new zero-gated incremental branch every session.
+        base_mixup_alpha, base_mixup_prob, base_cutmix_alpha, base_cutmix_prob, base_mix_loss: base-session
+            batch mixup/cutmix (:class:`BatchMixing`); off by default. Published (CIFAR-100 only): mixup alpha
+            0.8 prob 0.4, cutmix alpha 1.0 prob 0.4, loss 'authors'; miniImageNet and CUB use none.
     """
+    try:
+        mixing = BatchMixing(base_mixup_alpha, base_mixup_prob, base_cutmix_alpha, base_cutmix_prob, base_mix_loss)
+    except ValueError as err:
+        raise ValueError(f"base_{err}") from None  # the messages start with the field name
     overrides = {k: v for k, v in (("base_lr", base_lr), ("inc_steps", inc_steps)) if v is not None}
     return MambaFSCIL(backbone=FeatureMapBackbone(setup.backbone, img_size), img_size=img_size,
-                      num_classes=num_classes, num_base=num_base, protocol=protocol, overrides=overrides,
-                      d_state=d_state, dt_rank=dt_rank, inc_mb_size=inc_mb_size, fresh_branch=fresh_branch,
-                      **setup.template_kwargs())
+                      num_classes=num_classes, num_base=num_base, protocol=protocol,
+                      overrides={**overrides, "base_mixing": mixing}, d_state=d_state, dt_rank=dt_rank,
+                      inc_mb_size=inc_mb_size, fresh_branch=fresh_branch, **setup.template_kwargs())
