@@ -1,9 +1,16 @@
 """Continual-learning strategies for state-space vision models (the first layer that imports Avalanche)."""
-from mambacl.strategies.heads import ContinualClassifier, ExperienceHeads
+from mambacl.strategies.heads import (ContinualClassifier, ExperienceHeads, FittedHead, PrototypeHead, RanPACHead,
+                                      fitted_heads)
+from mambacl.strategies.metrics import feature_ncm_accuracy_metrics, within_task_accuracy_metrics
 from mambacl.strategies.nullspace import NullSpaceEngine, build_projector, knee_index, null_space_size
+from mambacl.strategies.optim import head_param_groups, make_optimizer, mambacl_optimizer
+from mambacl.strategies.plugins.head_lr import HeadLRPlugin
 from mambacl.strategies.plugins.nullspace import NullSpacePlugin
-from mambacl.strategies.wrappers import AdamNSCL, MambaCL
+from mambacl.strategies.plugins.prototype import PrototypePlugin
+from mambacl.strategies.wrappers import AdamNSCL, MambaCL, PretrainedCIL
 from mambacl.strategies import fscil  # noqa: F401  (registers the 'mamba-fscil' strategy)
 
-__all__ = ["AdamNSCL", "ContinualClassifier", "ExperienceHeads", "MambaCL", "NullSpaceEngine", "NullSpacePlugin",
-           "build_projector", "knee_index", "null_space_size"]
+__all__ = ["AdamNSCL", "ContinualClassifier", "ExperienceHeads", "FittedHead", "HeadLRPlugin", "MambaCL",
+           "NullSpaceEngine", "NullSpacePlugin", "PretrainedCIL", "PrototypeHead", "PrototypePlugin", "RanPACHead",
+           "build_projector", "feature_ncm_accuracy_metrics", "fitted_heads", "head_param_groups", "knee_index",
+           "make_optimizer", "mambacl_optimizer", "null_space_size", "within_task_accuracy_metrics"]
