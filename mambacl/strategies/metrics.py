@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from mambacl.strategies.class_stats import add_class_sums, module_inputs
 from mambacl.strategies.distributed import all_reduce_statistics_, all_reduce_sum_, rank, round_robin_loader
+from mambacl.strategies.plugins.prototype import trained_experiences
 
 if TYPE_CHECKING:
     from avalanche.training.templates import SupervisedTemplate
@@ -249,7 +250,8 @@ class FeatureNCMAccuracy(GenericPluginMetric[float, _Counts]):
         self._metric.update(*self.ncm.batch_counts(len(strategy.mb_y)))
 
     def after_training_exp(self, strategy: SupervisedTemplate):
-        self.ncm.record(strategy.experience)
+        for experience in trained_experiences(strategy):
+            self.ncm.record(experience)
         return super().after_training_exp(strategy)
 
     def before_eval(self, strategy: SupervisedTemplate):

@@ -211,7 +211,7 @@ def adam_nscl(setup: TrainSetup, *, a: float = 10.0, projector: str = "strict",
 
 
 def _pretrained_cil(setup: TrainSetup, head: str, **head_kwargs: Any) -> SupervisedTemplate:
-    kwargs = {k: v for k, v in setup.template_kwargs().items() if k not in ("train_mb_size", "train_epochs")}
+    kwargs = {k: v for k, v in setup.template_kwargs().items() if k != "train_epochs"}
     return PretrainedCIL(model=setup.classifier(head, train_heads=False, **head_kwargs), **kwargs)
 
 

@@ -2,6 +2,7 @@
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from avalanche.evaluation.metrics import accuracy_metrics
 from avalanche.training.plugins import EvaluationPlugin
@@ -14,28 +15,32 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "strategies"))
 from mambacl_helpers import split_digits  # noqa: E402
 
 
-def _strategy():
+def _strategy(name, hparams):
     torch.manual_seed(0)
     backbone = VisionMamba(img_size=8, patch_size=4, in_chans=1, depth=1, embed_dim=16, num_classes=0)
     evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[])
     setup = TrainSetup(backbone=backbone, lr=2e-3, train_mb_size=32, eval_mb_size=256, evaluator=evaluator)
-    return create_strategy("mambacl", setup, head="prototype")
+    return create_strategy(name, setup, **hparams)
 
 
-def test_prototype_mambacl_resumed_from_checkpoint_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("name,hparams,buffer", [("mambacl", {"head": "prototype"}, "sums"),
+                                                 ("ranpac", {"num_projections": 64}, "weight")],
+                         ids=["mambacl-prototype", "ranpac"])
+def test_fitted_head_run_resumed_from_checkpoint_matches_uninterrupted(tmp_path, name, hparams, buffer):
     bench = split_digits(n_train=200)
-    full = _strategy()
+    full = _strategy(name, hparams)
     for i in range(2):
         full.train(bench.train_stream[i])
     save_checkpoint(tmp_path, full, {"done": 2, "rows": []}, full.evaluator.metrics)
     full.train(bench.train_stream[2])
     expected = full.eval(bench.test_stream[:3])
 
-    resumed = _strategy()
+    resumed = _strategy(name, hparams)
     restore_strategy(resumed, bench.train_stream[:2], load_checkpoint(tmp_path))
     assert resumed.model.head.fitted.tolist() == [True] * 4
     resumed.train(bench.train_stream[2])
     metrics = resumed.eval(bench.test_stream[:3])
-    torch.testing.assert_close(resumed.model.head.sums, full.model.head.sums, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(getattr(resumed.model.head, buffer), getattr(full.model.head, buffer),
+                               rtol=1e-6, atol=1e-6)
     for key in [k for k in expected if k.startswith("Top1_Acc")]:
         assert abs(metrics[key] - expected[key]) < 1e-6, key

@@ -24,7 +24,8 @@ class HeadLRPlugin(SupervisedPlugin, supports_distributed=True):
         head: name component marking head parameters (``ContinualClassifier``'s ``head``).
 
     Example:
-        >>> strategy = Naive(model=model, optimizer=mambacl_optimizer(model), plugins=[HeadLRPlugin()])  # doctest: +SKIP
+        >>> optimizer = mambacl_optimizer(model)  # doctest: +SKIP
+        >>> strategy = Naive(model=model, optimizer=optimizer, plugins=[HeadLRPlugin()])  # doctest: +SKIP
     """
 
     def __init__(self, head: str = "head") -> None:

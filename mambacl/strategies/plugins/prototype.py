@@ -1,10 +1,11 @@
 """PrototypePlugin: fits the model's PrototypeHead / RanPACHead after each training experience."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 import torch
 from avalanche.core import SupervisedPlugin
+from avalanche.training import JointTraining
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -15,15 +16,24 @@ if TYPE_CHECKING:
     from avalanche.training.templates import SupervisedTemplate
 
 
+def trained_experiences(strategy: SupervisedTemplate) -> List[Any]:
+    """The experiences whose training just finished (in ``after_training_exp``): the current one, or every
+    experience for Avalanche's JointTraining, which trains on all at once under the first one's name."""
+    if isinstance(strategy, JointTraining):
+        return list(strategy._experiences)
+    return [strategy.experience]
+
+
 class PrototypePlugin(SupervisedPlugin, supports_distributed=True):
     """Fits every :class:`~mambacl.strategies.heads.FittedHead` of the model after each training experience.
 
     In ``after_training_exp`` the updated model runs in eval mode under no_grad over the experience's training
-    data with its eval transform, in dataset order; the input of each fitted head (its features) is collected
-    and passed to ``head.fit_experience``. This is the only cost of the frozen-backbone baselines (SimpleCIL,
-    RanPAC): one forward pass over each experience's training data. In ``before_training`` it marks the heads
-    as attached, so they mask, instead of refusing, classes of an experience still being trained. It has no
-    state of its own: the statistics are model buffers (``state_dict``).
+    data (every experience's for JointTraining) with its eval transform, in dataset order; the input of each
+    fitted head (its features) is collected and passed to ``head.fit_experience``. This is the only cost of the
+    frozen-backbone baselines (SimpleCIL, RanPAC): one forward pass over each experience's training data. In
+    ``before_training`` it marks the heads as attached, so they mask, instead of refusing, classes of an
+    experience still being trained. It has no state of its own: the statistics are model buffers
+    (``state_dict``).
 
     Data-parallel: every rank runs the whole pass (no sampler), so all ranks fit identical heads.
 
@@ -51,10 +61,10 @@ class PrototypePlugin(SupervisedPlugin, supports_distributed=True):
         return heads
 
     @torch.no_grad()
-    def fit(self, strategy: SupervisedTemplate) -> None:
-        """Fit every fitted head on the current experience's training features."""
+    def fit(self, strategy: SupervisedTemplate, experience: Any) -> None:
+        """Fit every fitted head on ``experience``'s training features."""
         heads = self.heads(strategy.model)
-        dataset = strategy.experience.dataset.eval()
+        dataset = experience.dataset.eval()
         loader = DataLoader(dataset, batch_size=self.mb_size or strategy.eval_mb_size or strategy.train_mb_size,
                             shuffle=False, collate_fn=getattr(dataset, "collate_fn", None))
         bar = tqdm(loader, desc="class statistics", disable=not self.progress, leave=False)
@@ -70,5 +80,6 @@ class PrototypePlugin(SupervisedPlugin, supports_distributed=True):
             head.fitter_attached = True
 
     def after_training_exp(self, strategy: SupervisedTemplate, **kwargs) -> None:
-        """Fit the heads on the experience just trained."""
-        self.fit(strategy)
+        """Fit the heads on the experience(s) just trained."""
+        for experience in trained_experiences(strategy):
+            self.fit(strategy, experience)
