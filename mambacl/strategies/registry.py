@@ -228,8 +228,10 @@ def simplecil(setup: TrainSetup, *, scale: float = 1.0) -> SupervisedTemplate:
 @register_strategy("ranpac")
 def ranpac(setup: TrainSetup, *, num_projections: int = 10000, ridge_grid: Sequence[float] = RIDGE_GRID,
            seed: int = 0) -> SupervisedTemplate:
-    """RanPAC (McDonnell et al. 2023) without first-session adaptation: frozen backbone, random projection and
-    ridge-regression head with lambda chosen on the experience's data (see RanPACHead, PretrainedCIL).
+    """RanPAC (McDonnell et al. 2023): frozen backbone, random projection + ridge-regression head (see RanPACHead).
+
+    Without the paper's optional first-session adaptation; lambda is chosen on each experience's data as in the
+    authors' code. No training (see PretrainedCIL).
 
     Args:
         num_projections: random features M (10000 in the paper; G costs 8 M^2 bytes, use a few hundred to a
