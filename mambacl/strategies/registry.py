@@ -17,7 +17,7 @@ import difflib
 import inspect
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from avalanche.core import BasePlugin
@@ -27,9 +27,10 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
 from mambacl.strategies.distributed import check_batch_divisible, world_size
-from mambacl.strategies.heads import ContinualClassifier
+from mambacl.strategies.heads import RIDGE_GRID, ContinualClassifier
+from mambacl.strategies.optim import make_optimizer
 from mambacl.strategies.storage import IndexedExperienceBalancedBuffer
-from mambacl.strategies.wrappers import AdamNSCL, MambaCL
+from mambacl.strategies.wrappers import AdamNSCL, MambaCL, PretrainedCIL
 
 __all__ = ["unknown_name_error", "TrainSetup", "StrategySpec", "register_strategy", "get_strategy", "list_strategies", "create_strategy",
            "strategy_hparams", "ENTRY_POINT_GROUP"]
@@ -52,7 +53,7 @@ class TrainSetup:
 
     Args:
         backbone: timm-style feature extractor (``num_features``, ``forward_features``, ``forward_head``).
-        lr: learning rate. weight_decay: AdamW weight decay.
+        lr: learning rate. weight_decay: weight decay (decoupled for AdamW, L2 for Adam; see :meth:`optimizer`).
         epochs: training epochs per experience.
         train_mb_size, eval_mb_size: mini-batch sizes.
         device: torch device.
@@ -70,13 +71,20 @@ class TrainSetup:
     evaluator: Optional[EvaluationPlugin] = None
     plugins: List[BasePlugin] = field(default_factory=list)
 
-    def classifier(self, head: str) -> ContinualClassifier:
-        """The backbone with a continual head ('experience' or 'incremental')."""
-        return ContinualClassifier(self.backbone, head=head)
+    def classifier(self, head: str, **head_kwargs: Any) -> ContinualClassifier:
+        """The backbone with a continual head ('experience', 'incremental', 'prototype' or 'ranpac'; see
+        ContinualClassifier); ``head_kwargs`` go to the head."""
+        return ContinualClassifier(self.backbone, head=head, **head_kwargs)
 
-    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        """AdamW over the model's parameters with the setup's lr and weight decay."""
-        return torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+    def optimizer(self, model: nn.Module, kind: str = "adamw", head_lr_scale: float = 1.0) -> torch.optim.Optimizer:
+        """The model's optimizer with the setup's lr and weight decay (see ``mambacl.strategies.optim``).
+
+        Args:
+            kind: 'adamw' (decoupled weight decay; the baselines) or 'adam' (L2 weight decay inside the gradient,
+                as the Mamba-CL authors' ModAdam).
+            head_lr_scale: other than 1: heads in a ``name='head'`` group at ``lr * head_lr_scale``.
+        """
+        return make_optimizer(model, kind, self.lr, self.weight_decay, head_lr_scale)
 
     def template_kwargs(self) -> Dict[str, Any]:
         """Keyword arguments of ``SupervisedTemplate`` besides model and optimizer."""
@@ -170,18 +178,24 @@ def create_strategy(name: str, setup: TrainSetup, **hparams: Any) -> SupervisedT
 # -- built-in strategies ---------------------------------------------------------------------------------------
 @register_strategy("mambacl")
 def mambacl(setup: TrainSetup, *, eta: float = 0.95, selection: str = "auto", projector: str = "soft",
-            wb_features: str = "aggregated", protect: str = "ssm", head: str = "experience") -> SupervisedTemplate:
+            wb_features: str = "aggregated", protect: str = "ssm", head: str = "experience",
+            head_lr_scale: float = 50.0) -> SupervisedTemplate:
     """Mamba-CL: null-space projection of the SSM parameters' updates (see MambaCL / NullSpacePlugin).
+
+    The optimizer is the authors': Adam with L2 weight decay (the setup's lr and weight decay; theirs are 2e-4
+    and 5e-5) and the heads at ``lr * head_lr_scale``.
 
     Args:
         eta: soft-projector mixing weight. selection: null-space rule ('auto', 'knee', 'energy', 'adam_nscl',
             'kernel').
         projector: 'soft' or 'strict'. wb_features: 'aggregated' or 'token'.
-        protect: parameters protected ('ssm' or 'layers'). head: 'experience' or 'incremental'.
+        protect: parameters protected ('ssm' or 'layers').
+        head: 'experience', 'prototype', 'ranpac' or 'incremental'. head_lr_scale: head lr multiplier.
     """
     model = setup.classifier(head)
-    return MambaCL(model=model, optimizer=setup.optimizer(model), eta=eta, selection=selection, projector=projector,
-                   wb_features=wb_features, protect=protect, progress=False, **setup.template_kwargs())
+    return MambaCL(model=model, optimizer=setup.optimizer(model, kind="adam", head_lr_scale=head_lr_scale), eta=eta,
+                   selection=selection, projector=projector, wb_features=wb_features, protect=protect,
+                   progress=False, **setup.template_kwargs())
 
 
 @register_strategy("adam-nscl")
@@ -196,6 +210,36 @@ def adam_nscl(setup: TrainSetup, *, a: float = 10.0, projector: str = "strict",
     model = setup.classifier(head)
     return AdamNSCL(model=model, optimizer=setup.optimizer(model), a=a, projector=projector, progress=False,
                     **setup.template_kwargs())
+
+
+def _pretrained_cil(setup: TrainSetup, head: str, **head_kwargs: Any) -> SupervisedTemplate:
+    kwargs = {k: v for k, v in setup.template_kwargs().items() if k != "train_epochs"}
+    return PretrainedCIL(model=setup.classifier(head, train_heads=False, **head_kwargs), **kwargs)
+
+
+@register_strategy("simplecil")
+def simplecil(setup: TrainSetup, *, scale: float = 1.0) -> SupervisedTemplate:
+    """SimpleCIL (Zhou et al. 2023): frozen backbone, cosine class-mean head; no training (see PretrainedCIL).
+
+    Args:
+        scale: cosine logit scale (1 in the paper; only the evaluation loss depends on it).
+    """
+    return _pretrained_cil(setup, "prototype", scale=scale)
+
+
+@register_strategy("ranpac")
+def ranpac(setup: TrainSetup, *, num_projections: int = 10000, ridge_grid: Sequence[float] = RIDGE_GRID,
+           seed: int = 0) -> SupervisedTemplate:
+    """RanPAC (McDonnell et al. 2023): frozen backbone, random projection + ridge-regression head (see RanPACHead).
+
+    Without the paper's optional first-session adaptation; lambda is chosen on each experience's data as in the
+    authors' code. No training (see PretrainedCIL).
+
+    Args:
+        num_projections: random features M (10000 in the paper; G costs 8 M^2 bytes, use a few hundred to a
+            few thousand for small backbones on a CPU). ridge_grid: lambda candidates. seed: W_rand and splits.
+    """
+    return _pretrained_cil(setup, "ranpac", num_projections=num_projections, ridge_grid=ridge_grid, seed=seed)
 
 
 @register_strategy("naive")

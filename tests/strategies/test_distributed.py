@@ -43,12 +43,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(worker: str, out: Path, world: int = 2, timeout: float = TIMEOUT_S) -> list:
-    """Run ``worker(out)`` of this module on ``world`` processes; return each rank's saved results."""
+def launch(worker: str, out: Path, world: int = 2, timeout: float = TIMEOUT_S,
+           module: str = "test_distributed") -> list:
+    """Run ``worker(out)`` of test ``module`` (in this folder) on ``world`` processes; return each rank's results."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
            "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS.parents[1]), os.environ.get("PYTHONPATH")]))}
-    code = f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_distributed as t; t.{worker}(sys.argv[1])"
+    code = f"import sys; sys.path.insert(0, {str(TESTS)!r}); import {module} as t; t.{worker}(sys.argv[1])"
     procs = [subprocess.Popen([sys.executable, "-c", code, str(out)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
     logs = []

@@ -20,14 +20,18 @@ def _setup(**kwargs) -> TrainSetup:
 
 
 def test_builtins_build_their_templates_with_the_given_hyperparameters():
-    assert {"mambacl", "adam-nscl", "naive", "ewc", "lwf", "replay", "joint"} <= set(list_strategies())
+    assert {"mambacl", "adam-nscl", "naive", "ewc", "lwf", "replay", "joint", "simplecil", "ranpac"} \
+        <= set(list_strategies())
     setup = _setup(lr=0.01, weight_decay=0.1, epochs=3, train_mb_size=7, eval_mb_size=9)
     strategy = create_strategy("mambacl", setup, eta=0.5, projector="strict")
     assert isinstance(strategy, MambaCL) and isinstance(strategy.model.head, ExperienceHeads)
     assert strategy.nullspace.engine.projector == "strict" and strategy.nullspace.engine.eta == 0.5
     assert (strategy.train_epochs, strategy.train_mb_size, strategy.eval_mb_size) == (3, 7, 9)
-    group = strategy.optimizer.param_groups[0]
-    assert isinstance(strategy.optimizer, torch.optim.AdamW) and (group["lr"], group["weight_decay"]) == (0.01, 0.1)
+    groups = [(g["name"], g["lr"], g["weight_decay"]) for g in strategy.optimizer.param_groups]
+    assert type(strategy.optimizer) is torch.optim.Adam and groups == [("backbone", 0.01, 0.1), ("head", 0.5, 0.1)]
+    naive = create_strategy("naive", _setup(lr=0.01, weight_decay=0.1)).optimizer  # the baselines keep AdamW
+    assert isinstance(naive, torch.optim.AdamW) and len(naive.param_groups) == 1
+    assert (naive.param_groups[0]["lr"], naive.param_groups[0]["weight_decay"]) == (0.01, 0.1)
     assert isinstance(create_strategy("adam-nscl", _setup(), a=5.0), AdamNSCL)
     ewc = create_strategy("ewc", _setup(), ewc_lambda=7.0)
     assert [p.ewc_lambda for p in ewc.plugins if isinstance(p, EWCPlugin)] == [7.0]
@@ -36,6 +40,8 @@ def test_builtins_build_their_templates_with_the_given_hyperparameters():
     replay = create_strategy("replay", _setup(), mem_size=11)
     assert [p.mem_size for p in replay.plugins if isinstance(p, ReplayPlugin)] == [11]
     assert isinstance(create_strategy("naive", _setup()), Naive)
+    assert create_strategy("ranpac", _setup(), num_projections=64, seed=3).model.head.projection.shape == (16, 64)
+    assert create_strategy("simplecil", _setup(), scale=2.0).model.head.scale == 2.0
     assert isinstance(create_strategy("joint", _setup()), JointTraining) and get_strategy("joint").joint
     assert list(strategy_hparams("replay")) == ["mem_size"] and strategy_hparams("replay")["mem_size"].annotation
 

@@ -30,6 +30,7 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
+from mambacl.strategies import class_stats
 from mambacl.strategies.distributed import (ShardedBatchSampler, all_reduce_statistics_, broadcast_object,
                                             check_batch_divisible, gather_rows, round_robin_loader, unwrap_model)
 from mambacl.strategies.fscil.augment import BatchMixing, mix_batch
@@ -129,19 +130,6 @@ class FSCILModel(nn.Module):
             neck_out = replace(neck_out, feat=0.5 * neck_out.feat + 0.5 * neck_out.feat[mix_perm])
         logits = self.head(neck_out.feat)
         return (logits, neck_out) if return_neck else logits
-
-
-def _add_class_sums(sums: Dict[str, torch.Tensor], counts: Dict[str, int], maps: torch.Tensor,
-                    labels: torch.Tensor) -> None:
-    """Add the float64 per-class sums and counts of ``maps`` to keyed running statistics (keys: class ids)."""
-    for c in labels.unique().tolist():
-        selected = maps[labels == c]
-        sums[str(c)] = sums.get(str(c), 0) + selected.sum(dim=0, dtype=torch.float64)
-        counts[str(c)] = counts.get(str(c), 0) + len(selected)
-
-
-def _class_means(sums: Dict[str, torch.Tensor], counts: Dict[str, int], dtype: torch.dtype) -> Dict[int, torch.Tensor]:
-    return {int(k): (sums[k] / counts[k]).to(dtype) for k in sorted(sums, key=int)}
 
 
 def fscil_summary(accuracies: Sequence[float]) -> Dict[str, object]:
@@ -344,9 +332,9 @@ class MambaFSCIL(SupervisedTemplate):
         sums: Dict[str, torch.Tensor] = {}
         counts: Dict[str, int] = {}
         for maps, labels in self._map_batches(dataset, sharded=True):
-            _add_class_sums(sums, counts, maps, labels)
+            class_stats.add_class_sums(sums, counts, maps, labels)
         all_reduce_statistics_(sums, counts)
-        return _class_means(sums, counts, next(self.fscil_model.parameters()).dtype)
+        return class_stats.class_means(sums, counts, next(self.fscil_model.parameters()).dtype)
 
     def incremental_training_set(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The current session's training maps and labels: shots, earlier novel means, base prototypes.
@@ -366,8 +354,8 @@ class MambaFSCIL(SupervisedTemplate):
         rep_labels = [c for c, _ in means for _ in range(base_copy if c < self.num_base else p.copy)]
         shot_sums: Dict[str, torch.Tensor] = {}
         shot_counts: Dict[str, int] = {}
-        _add_class_sums(shot_sums, shot_counts, shots, shot_labels)
-        self._prototypes.update(_class_means(shot_sums, shot_counts, shots.dtype))
+        class_stats.add_class_sums(shot_sums, shot_counts, shots, shot_labels)
+        self._prototypes.update(class_stats.class_means(shot_sums, shot_counts, shots.dtype))
         maps = torch.cat([shots, torch.stack(rep_maps)]) if rep_maps else shots
         labels = torch.cat([shot_labels, torch.tensor(rep_labels, dtype=torch.long, device=shots.device)])
         return maps, labels
