@@ -192,9 +192,10 @@ def _run(args: argparse.Namespace) -> None:
     if final["acc_sample_weighted"] is None:
         print(f"nothing to train: the run in {config.out} has no experience")
         return
-    print(f"final: seen-class acc {final['acc_sample_weighted']:.4f}, task-mean acc {final['acc_task_mean']:.4f}, "
-          f"avg incremental acc {final['avg_incremental_acc']:.4f}, forgetting {final['forgetting']:.4f}, "
-          f"BWT {final['bwt']:.4f} -> {config.out}")
+    print(f"final: class-incremental acc {final['acc_sample_weighted']:.4f}, within-task acc "
+          f"{final['within_task_acc']:.4f}, feature NCM acc {final['ncm_acc']:.4f}, avg incremental acc "
+          f"{final['avg_incremental_acc']:.4f}, forgetting {final['forgetting']:.4f}, BWT {final['bwt']:.4f} -> "
+          f"{config.out}")
 
 
 def _compare(args: argparse.Namespace, strategies: Sequence[str], seeds: Sequence[int],

@@ -11,6 +11,7 @@ import numpy as np
 
 from mambacl.experiments.checkpoint import latest_manifest
 from mambacl.experiments.config import RunConfig
+from mambacl.experiments.results import FINAL_METRICS
 from mambacl.experiments.run_folder import atomic_write_text, prepare_run_folder
 from mambacl.experiments.runner import run_benchmark
 from mambacl.strategies.distributed import barrier, is_main_process
@@ -18,7 +19,10 @@ from mambacl.strategies.registry import get_strategy
 
 __all__ = ["compare", "compare_table"]
 
-_TABLE_METRICS = ("acc_sample_weighted", "acc_task_mean", "avg_incremental_acc", "forgetting", "bwt")
+_LABELS = {"acc_sample_weighted": "final acc (class-incr.)", "within_task_acc": "within-task acc",
+           "ncm_acc": "feature NCM acc", "acc_task_mean": "task-mean acc", "avg_incremental_acc": "avg incr. acc",
+           "forgetting": "forgetting", "bwt": "BWT"}
+
 
 
 def compare(config: RunConfig, strategies: Sequence[str], seeds: Sequence[int],
@@ -60,7 +64,7 @@ def compare(config: RunConfig, strategies: Sequence[str], seeds: Sequence[int],
         result = run_benchmark(run, resume=resume and latest_manifest(run.out) is not None)
         runs.setdefault(run.strategy, []).append({**result["final"], "time_s": result["timings"]["train_s"]})
     summary = {name: {m: (float(np.mean([r[m] for r in rs])), float(np.std([r[m] for r in rs])))
-                      for m in (*_TABLE_METRICS, "time_s")} for name, rs in runs.items()}
+                      for m in (*FINAL_METRICS, "time_s")} for name, rs in runs.items()}
     comparison = {"benchmark": config.benchmark, "seeds": [int(s) for s in seeds], "runs": runs, "summary": summary}
     if is_main_process():
         atomic_write_text(out / "compare.json", json.dumps(comparison, indent=2))
@@ -70,10 +74,10 @@ def compare(config: RunConfig, strategies: Sequence[str], seeds: Sequence[int],
 
 def compare_table(comparison: Dict[str, Any]) -> str:
     """Markdown table of :func:`compare`'s summary (mean ± std over seeds; the value alone with one seed)."""
-    header = ["strategy", *_TABLE_METRICS, "train time (s)"]
+    header = ["strategy", *(_LABELS[m] for m in FINAL_METRICS), "train time (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, stats in comparison["summary"].items():
-        cells = [_cell(mean, std, len(comparison["seeds"])) for mean, std in (stats[k] for k in _TABLE_METRICS)]
+        cells = [_cell(mean, std, len(comparison["seeds"])) for mean, std in (stats[k] for k in FINAL_METRICS)]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {stats['time_s'][0]:.1f} |")
     return "\n".join(lines)
 

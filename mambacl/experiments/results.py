@@ -17,9 +17,10 @@ import numpy as np
 
 from mambacl.experiments.run_folder import atomic_write_text
 
-__all__ = ["accuracy_matrix", "summarize", "write_results", "read_results", "CSV_COLUMNS"]
+__all__ = ["accuracy_matrix", "summarize", "write_results", "read_results", "CSV_COLUMNS", "FINAL_METRICS"]
 
-CSV_COLUMNS = ("experience", "classes", "acc_stream", "acc_task_mean", "forgetting", "bwt", "train_s", "eval_s")
+CSV_COLUMNS = ("experience", "classes", "acc_stream", "within_task_acc", "ncm_acc", "acc_task_mean", "forgetting", "bwt",
+               "train_s", "eval_s")
 
 
 def accuracy_matrix(rows: Sequence[Dict[str, Any]], n_experiences: int) -> List[List[Optional[float]]]:
@@ -33,18 +34,26 @@ def accuracy_matrix(rows: Sequence[Dict[str, Any]], n_experiences: int) -> List[
             for r in rows]
 
 
+FINAL_METRICS = ("acc_sample_weighted", "within_task_acc", "ncm_acc", "acc_task_mean", "avg_incremental_acc",
+                 "forgetting", "bwt")
+
+
 def summarize(rows: Sequence[Dict[str, Any]]) -> Dict[str, Optional[float]]:
     """Final metrics of a run.
 
     Returns:
-        ``acc_sample_weighted`` (Top1_Acc_Stream on all seen test data after the last step), ``acc_task_mean``
-        (mean of the per-experience accuracies after the last step), ``avg_incremental_acc`` (mean over steps of
-        the sample-weighted accuracy), ``forgetting`` and ``bwt`` (Avalanche's stream metrics after the last step).
+        ``acc_sample_weighted`` (class-incremental: Top1_Acc_Stream on all seen test data after the last step),
+        ``within_task_acc`` (task-incremental: each test sample's argmax restricted to its experience's classes),
+        ``ncm_acc`` (cosine nearest-class-mean accuracy of the current features, class means over the training data
+        seen), ``acc_task_mean`` (mean of the per-experience accuracies after the last step), ``avg_incremental_acc``
+        (mean over steps of the sample-weighted accuracy), ``forgetting`` and ``bwt`` (Avalanche's stream metrics
+        after the last step); all sample-weighted over the seen test data unless named otherwise.
     """
     if not rows:
-        return {k: None for k in ("acc_sample_weighted", "acc_task_mean", "avg_incremental_acc", "forgetting", "bwt")}
+        return {k: None for k in FINAL_METRICS}
     last = rows[-1]
-    return {"acc_sample_weighted": last["acc_stream"], "acc_task_mean": last["acc_task_mean"],
+    return {"acc_sample_weighted": last["acc_stream"], "within_task_acc": last["within_task_acc"],
+            "ncm_acc": last["ncm_acc"], "acc_task_mean": last["acc_task_mean"],
             "avg_incremental_acc": float(np.mean([r["acc_stream"] for r in rows])),
             "forgetting": last["forgetting"], "bwt": last["bwt"]}
 

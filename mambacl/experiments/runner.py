@@ -37,10 +37,12 @@ from mambacl.experiments.strategy_state import decode_metrics, restore_strategy,
 from mambacl.strategies.distributed import (barrier, broadcast_object, check_batch_divisible, check_replicas_in_sync,
                                             check_same_config, init_distributed, is_main_process, local_device,
                                             world_size)
+from mambacl.strategies.metrics import FeatureNCMAccuracy, feature_ncm_accuracy_metrics, within_task_accuracy_metrics
 from mambacl.strategies.plugins import DistributedPlugin, FiniteLossPlugin, NullSpacePlugin
 from mambacl.strategies.registry import TrainSetup, create_strategy, get_strategy
 
-__all__ = ["RunInterrupted", "build_backbone", "make_evaluator", "resolve_device", "run_benchmark"]
+__all__ = ["RunInterrupted", "build_backbone", "diagnostic_metrics", "history_metrics", "make_evaluator",
+           "resolve_device", "run_benchmark"]
 
 _STREAM = "eval_phase/test_stream"
 
@@ -109,18 +111,23 @@ def build_backbone(config: RunConfig, input_shape: Sequence[int]) -> nn.Module:
         return timm.create_model(name, num_classes=0, **kwargs)
 
 
-def _default_metrics() -> List[Any]:
+def history_metrics() -> List[Any]:
+    """The metrics whose state spans experiences (forgetting and BWT keep each experience's first accuracy):
+    experience and stream accuracy, epoch loss, forgetting, BWT. Checkpoints save them."""
     return [*accuracy_metrics(experience=True, stream=True), *loss_metrics(epoch=True),
             *forgetting_metrics(experience=True, stream=True), *bwt_metrics(experience=True, stream=True)]
 
 
-def make_evaluator(config: RunConfig, metrics: Optional[List[Any]] = None) -> EvaluationPlugin:
-    """EvaluationPlugin with accuracy (experience + stream), epoch loss, forgetting and BWT, and the loggers:
-    one progress bar per experience (``progress``), Avalanche's InteractiveLogger instead with ``verbose``,
-    TensorBoard with ``tensorboard``; rank 0 only.
+def diagnostic_metrics() -> List[Any]:
+    """Within-task accuracy and the feature nearest-class-mean accuracy, per experience and over the stream; they
+    are recomputed at every evaluation (the NCM class means from the training data of the experiences seen)."""
+    return [*within_task_accuracy_metrics(), *feature_ncm_accuracy_metrics()]
 
-    Args:
-        metrics: metric objects to reuse (restored from a checkpoint); fresh ones when None.
+
+def make_evaluator(config: RunConfig, metrics: Optional[List[Any]] = None) -> EvaluationPlugin:
+    """EvaluationPlugin with ``metrics`` (default :func:`history_metrics` + :func:`diagnostic_metrics`) and the
+    loggers: one progress bar per experience (``progress``), Avalanche's InteractiveLogger instead with
+    ``verbose``, TensorBoard with ``tensorboard``; rank 0 only.
     """
     loggers: List[Any] = []
     if config.progress and is_main_process():
@@ -129,7 +136,8 @@ def make_evaluator(config: RunConfig, metrics: Optional[List[Any]] = None) -> Ev
         loggers.append(TensorboardLogger(Path(config.out) / "tensorboard"))
     with warnings.catch_warnings():  # no loggers is what --quiet asks for, not a mistake
         warnings.filterwarnings("ignore", message="No loggers specified")
-        return EvaluationPlugin(*(metrics if metrics is not None else _default_metrics()), loggers=loggers)
+        return EvaluationPlugin(*(metrics if metrics is not None else [*history_metrics(), *diagnostic_metrics()]),
+                                loggers=loggers)
 
 
 def _versions() -> Dict[str, str]:
@@ -139,10 +147,16 @@ def _versions() -> Dict[str, str]:
 
 def _step_record(step: int, classes: List[int], metrics: Dict[str, Any], n_seen: int, train_s: float,
                  eval_s: float) -> Dict[str, Any]:
-    per_exp = [float(metrics[f"Top1_Acc_Exp/{_STREAM}/Task000/Exp{j:03d}"]) for j in range(n_seen)]
+    def per_exp(name: str) -> List[float]:
+        return [float(metrics[f"{name}_Exp/{_STREAM}/Task000/Exp{j:03d}"]) for j in range(n_seen)]
+    accuracies = per_exp("Top1_Acc")
     return {"experience": step, "classes": classes,
             "acc_stream": float(metrics[f"Top1_Acc_Stream/{_STREAM}/Task000"]),
-            "acc_task_mean": float(np.mean(per_exp)), "acc_per_exp": per_exp,
+            "acc_task_mean": float(np.mean(accuracies)), "acc_per_exp": accuracies,
+            "within_task_acc": float(metrics[f"Top1_WithinTaskAcc_Stream/{_STREAM}/Task000"]),
+            "within_task_acc_per_exp": per_exp("Top1_WithinTaskAcc"),
+            "ncm_acc": float(metrics[f"Top1_FeatureNCMAcc_Stream/{_STREAM}/Task000"]),
+            "ncm_acc_per_exp": per_exp("Top1_FeatureNCMAcc"),
             "forgetting": float(metrics.get(f"StreamForgetting/{_STREAM}", 0.0)),
             "bwt": float(metrics.get(f"StreamBWT/{_STREAM}", 0.0)),
             "train_s": round(train_s, 3), "eval_s": round(eval_s, 3)}
@@ -184,7 +198,9 @@ def run_benchmark(config: RunConfig, resume: bool = False, stop_after: Optional[
     RNGManager.set_random_seeds(config.seed)
     bench = create_benchmark(config.benchmark, **config.benchmark_args)
     backbone = build_backbone(config, bench.train_stream[0].dataset[0][0].shape)
-    evaluator = make_evaluator(config, decode_metrics(state["metrics"]) if state else None)
+    history = decode_metrics(state["metrics"]) if state else history_metrics()
+    diagnostics = diagnostic_metrics()
+    evaluator = make_evaluator(config, [*history, *diagnostics])
     setup = TrainSetup(backbone=backbone, lr=config.lr, weight_decay=config.weight_decay, epochs=config.epochs,
                        train_mb_size=config.batch_size, eval_mb_size=config.eval_batch_size, device=device,
                        evaluator=evaluator,
@@ -197,6 +213,9 @@ def run_benchmark(config: RunConfig, resume: bool = False, stop_after: Optional[
     record = state["record"] if state else {"done": 0, "rows": []}
     if state:
         restore_strategy(strategy, [] if spec.joint else steps[:record["done"]], state)
+        for metric in diagnostics:
+            if isinstance(metric, FeatureNCMAccuracy) and not spec.joint:
+                metric.ncm.set_train_datasets({i: steps[i].dataset for i in range(record["done"])})
         del state
     results = _results(config, bench, record, n_test, device)
     if is_main_process() and manifest is not None:
@@ -219,7 +238,7 @@ def run_benchmark(config: RunConfig, resume: bool = False, stop_after: Optional[
                 print(f"[{config.strategy}] step {i + 1}/{len(steps)}: seen-class acc {row['acc_stream']:.4f} | "
                       f"task-mean acc {row['acc_task_mean']:.4f} | forgetting {row['forgetting']:.4f} | "
                       f"train {train_s:.1f}s eval {row['eval_s']:.1f}s", flush=True)
-                save_checkpoint(out, strategy_state(strategy, evaluator.metrics), record, config, _versions())
+                save_checkpoint(out, strategy_state(strategy, history), record, config, _versions())
             saved = record["done"]
             if is_main_process():
                 write_results(results, out)

@@ -24,6 +24,12 @@ def _check_protocol(results):
     forgetting = np.mean([matrix[j][j] - matrix[last][j] for j in range(last)]) if last else 0.0
     assert final["forgetting"] == pytest.approx(forgetting) and final["bwt"] == pytest.approx(-forgetting)
     assert all(v is None for row_i, row in enumerate(matrix) for v in row[row_i + 1:])
+    # a sample right under the argmax over all classes is right under the argmax over its experience's classes
+    for row in rows:
+        assert row["within_task_acc"] >= row["acc_stream"] - 1e-9
+        assert all(w >= a - 1e-9 for w, a in zip(row["within_task_acc_per_exp"], row["acc_per_exp"]))
+        assert 0.0 <= row["ncm_acc"] <= 1.0 and len(row["ncm_acc_per_exp"]) == len(row["acc_per_exp"])
+    assert final["within_task_acc"] == rows[-1]["within_task_acc"] and final["ncm_acc"] == rows[-1]["ncm_acc"]
 
 
 def test_no_arguments_runs_the_default_comparison(tmp_path, monkeypatch, capsys):
@@ -40,6 +46,7 @@ def test_no_arguments_runs_the_default_comparison(tmp_path, monkeypatch, capsys)
     assert calls == [("split_digits", ("mambacl", "naive"), (0,))]
     table = capsys.readouterr().out
     assert "| mambacl |" in table and "| naive |" in table
+    assert "within-task acc" in table and "feature NCM acc" in table and "±" not in table  # one seed: values only
     comparison = json.loads((tmp_path / "default" / "compare.json").read_text())
     for name in ("mambacl", "naive"):
         results = json.loads((tmp_path / "default" / name / "seed0" / "results.json").read_text())
@@ -152,3 +159,13 @@ def test_list_shows_benchmarks_strategies_and_models(capsys):
     for name in ("split_digits", "split_cifar100", "imagenet_r", "mambacl", "adam-nscl", "joint",
                  "ewc_lambda=100.0", "vim_tiny_patch16_224", "test_vim"):
         assert name in text, name
+
+
+def test_compare_table_shows_the_spread_only_over_several_seeds():
+    from mambacl.experiments import compare_table
+    from mambacl.experiments.results import FINAL_METRICS
+    stats = {m: (0.5, 0.25) for m in (*FINAL_METRICS, "time_s")}
+    two = compare_table({"seeds": [0, 1], "summary": {"naive": stats}})
+    one = compare_table({"seeds": [0], "summary": {"naive": {m: (0.5, 0.0) for m in stats}}})
+    assert two.splitlines()[2].count("0.5000 ± 0.2500") == len(FINAL_METRICS)
+    assert one.splitlines()[2] == "| naive | " + " | ".join(["0.5000"] * len(FINAL_METRICS)) + " | 0.5 |"
