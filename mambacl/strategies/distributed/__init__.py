@@ -27,10 +27,11 @@ from mambacl.strategies.distributed.collectives import (all_reduce_statistics_, 
                                                         check_replicas_in_sync, check_same_config, gather_eval,
                                                         gather_objects, gather_rows, reduce_statistics)
 from mambacl.strategies.distributed.samplers import (EvalShardSampler, RoundRobinBatchSampler, ShardedBatchSampler,
-                                                     distributed_loader, eval_shard_sizes, round_robin_loader)
+                                                     distributed_loader, eval_shard_sizes, micro_batches,
+                                                     round_robin_loader)
 
 __all__ = ["BACKENDS", "EvalShardSampler", "RoundRobinBatchSampler", "ShardedBatchSampler", "all_reduce_statistics_",
            "all_reduce_sum_", "barrier", "broadcast_object", "check_batch_divisible", "check_replicas_in_sync",
            "check_same_config", "distributed_loader", "eval_shard_sizes", "gather_eval", "gather_objects",
-           "gather_rows", "init_distributed", "is_distributed", "is_main_process", "local_device", "rank",
-           "reduce_statistics", "round_robin_loader", "unwrap_model", "world_size", "wrap_ddp"]
+           "gather_rows", "init_distributed", "is_distributed", "is_main_process", "local_device", "micro_batches",
+           "rank", "reduce_statistics", "round_robin_loader", "unwrap_model", "world_size", "wrap_ddp"]

@@ -5,17 +5,31 @@ from __future__ import annotations
 
 from typing import Any, Iterator, List, Optional
 
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
 
 from mambacl.strategies.distributed.process_group import _rank_and_world, check_batch_divisible, rank, world_size
 
 __all__ = ["EvalShardSampler", "RoundRobinBatchSampler", "ShardedBatchSampler", "distributed_loader",
-           "eval_shard_sizes", "round_robin_loader"]
+           "eval_shard_sizes", "micro_batches", "round_robin_loader"]
+
+
+def micro_batches(per_rank: int, max_device_batch: Optional[int]) -> int:
+    """Micro-batches per step: the fewest ``k`` dividing ``per_rank`` with ``per_rank / k <= max_device_batch``.
+
+    Args:
+        per_rank: this rank's share of the global batch.
+        max_device_batch: the largest batch one forward/backward may hold (None: the whole share).
+    """
+    if max_device_batch is None:
+        return 1
+    if isinstance(max_device_batch, bool) or not isinstance(max_device_batch, int) or max_device_batch < 1:
+        raise ValueError(f"max_device_batch must be None or a positive int, got {max_device_batch!r}")
+    return next(k for k in range(-(-per_rank // max_device_batch), per_rank + 1) if per_rank % k == 0)
 
 
 def distributed_loader(dataset: Dataset, batch: int, seed: int, epoch: int, *, shuffle: bool = True,
                        drop_last: bool = False, collate_fn: Any = None, num_workers: int = 0,
-                       pin_memory: bool = False) -> DataLoader:
+                       pin_memory: bool = False, micro: int = 1, repeat: int = 1) -> DataLoader:
     """This rank's loader over a DistributedSampler seeded by ``seed + epoch``.
 
     With W processes rank r takes samples ``perm[r::W]`` of the permutation, ``batch // W`` per step, so the
@@ -28,18 +42,29 @@ def distributed_loader(dataset: Dataset, batch: int, seed: int, epoch: int, *, s
         seed: base seed, identical on every rank.
         epoch: epoch index; each epoch draws a new permutation.
         shuffle, drop_last, collate_fn, num_workers, pin_memory: as for DataLoader / DistributedSampler.
+        micro: each step's share is delivered as ``micro`` consecutive micro-batches (gradient accumulation);
+            must divide ``batch // W``.
+        repeat: the epoch runs over ``repeat`` copies of the dataset, shuffled together (Mamba-CL's
+            ``expand_times``).
 
     Returns:
-        A DataLoader whose batches have ``batch // world`` samples (the last one possibly fewer).
+        A DataLoader whose batches have ``batch // (W * micro)`` samples (the last ones possibly fewer).
     """
     per_rank = check_batch_divisible(batch)
     if epoch < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch}")
+    for name, value in (("micro", micro), ("repeat", repeat)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if per_rank % micro:
+        raise ValueError(f"micro {micro} must divide this rank's batch {per_rank}")
+    if repeat > 1:
+        dataset = ConcatDataset([dataset] * repeat)
     sampler = DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=shuffle, seed=seed,
                                  drop_last=drop_last)
     sampler.set_epoch(epoch)
-    return DataLoader(dataset, batch_size=per_rank, sampler=sampler, drop_last=drop_last, collate_fn=collate_fn,
-                      num_workers=num_workers, pin_memory=pin_memory)
+    return DataLoader(dataset, batch_size=per_rank // micro, sampler=sampler, drop_last=drop_last,
+                      collate_fn=collate_fn, num_workers=num_workers, pin_memory=pin_memory)
 
 
 def eval_shard_sizes(n: int, batch: int, world: int) -> List[List[int]]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from functools import partial
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from avalanche.benchmarks.utils.data_loader import TaskBalancedDataLoader
@@ -13,7 +13,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mambacl.strategies.distributed import (EvalShardSampler, check_batch_divisible, distributed_loader, gather_eval,
-                                            is_distributed, reduce_statistics, round_robin_loader, wrap_ddp)
+                                            is_distributed, micro_batches, reduce_statistics, round_robin_loader,
+                                            wrap_ddp)
 from mambacl.strategies.plugins.nullspace import NullSpacePlugin
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -58,9 +59,19 @@ class DistributedPlugin(SupervisedPlugin, supports_distributed=True):
     process and refused in a process group, as are multi-task models (Avalanche ``MultiTaskModule``), which
     cannot be DDP-wrapped this way.
 
+    With ``max_device_batch`` one GPU reproduces a larger global batch: each rank's share of a step arrives as
+    micro-batches of at most that size (:func:`micro_batches`); each micro-batch's gradient (penalties of other
+    plugins included) is scaled by its share of the step and accumulated, and the optimizer steps once per global
+    batch, so the update equals the large batch's. Between micro-batches ``strategy.accumulating_gradients`` is
+    True and every gradient is held back (``grad = None``, so the optimizer's step changes nothing, and
+    NullSpacePlugin projects only real steps). ``data_repeat`` runs each epoch over that many shuffled copies of
+    the experience's data (Mamba-CL's ``expand_times``). Both need the template's loader.
+
     Args:
         seed: base seed of the training permutations, identical on every rank.
         num_workers: DataLoader workers per rank.
+        max_device_batch: largest micro-batch per process (None: no accumulation).
+        data_repeat: copies of the training data per epoch.
         autocast: None, 'bf16' or 'fp16': mixed-precision forward (``torch.autocast`` on the strategy's device,
             meant for GPUs; the scans keep fp32 internals), outputs cast back to float32 for the loss.
         find_unused_parameters: passed to DDP.
@@ -72,8 +83,12 @@ class DistributedPlugin(SupervisedPlugin, supports_distributed=True):
     """
 
     def __init__(self, *, seed: int = 0, num_workers: int = 0, autocast: Optional[str] = None,
-                 find_unused_parameters: bool = True) -> None:
+                 find_unused_parameters: bool = True, max_device_batch: Optional[int] = None,
+                 data_repeat: int = 1) -> None:
         super().__init__()
+        micro_batches(1, max_device_batch)  # validates it
+        if isinstance(data_repeat, bool) or not isinstance(data_repeat, int) or data_repeat < 1:
+            raise ValueError(f"data_repeat must be a positive int, got {data_repeat!r}")
         if autocast is not None and autocast not in AUTOCAST_DTYPES:
             raise ValueError(f"autocast must be None or one of {tuple(AUTOCAST_DTYPES)}, got {autocast!r}")
         if num_workers < 0:
@@ -86,6 +101,11 @@ class DistributedPlugin(SupervisedPlugin, supports_distributed=True):
         self._eval_step = 0
         self._amp: Optional[contextlib.AbstractContextManager] = None
         self._template_loader: Any = None
+        self.max_device_batch, self.data_repeat = max_device_batch, data_repeat
+        self._micro = 1
+        self._step = (0, 0, 0)  # samples of this rank's epoch share seen, in it, per step
+        self._held: Dict[nn.Parameter, torch.Tensor] = {}
+        self._scale = 1.0
 
     def epoch_seed_offset(self, strategy) -> int:
         """Sampler epoch of the current training epoch: unique per (experience, epoch), stable across resumes."""
@@ -128,12 +148,21 @@ class DistributedPlugin(SupervisedPlugin, supports_distributed=True):
         self._ddp, self._template_loader = None, strategy.dataloader
 
     def before_training_epoch(self, strategy, **kwargs) -> None:
+        self._step, self._micro = (0, 0, 0), 1
         if self.owns_loader(strategy):
             data = strategy.adapted_dataset
+            per_rank = check_batch_divisible(strategy.train_mb_size, name="train_mb_size")
+            self._micro = micro_batches(per_rank, self.max_device_batch)
             strategy.dataloader = self._template_loader = distributed_loader(
                 data, strategy.train_mb_size, self.seed, self.epoch_seed_offset(strategy),
                 collate_fn=getattr(data, "collate_fn", None), num_workers=self.num_workers,
-                pin_memory=torch.device(strategy.device).type == "cuda")
+                pin_memory=torch.device(strategy.device).type == "cuda", micro=self._micro, repeat=self.data_repeat)
+            self._step = (0, len(strategy.dataloader.sampler), per_rank)
+            self._held = {}
+        elif self.max_device_batch is not None or self.data_repeat > 1:
+            raise TypeError(f"{type(strategy).__name__} trains from its own loader "
+                            f"({type(strategy.dataloader).__name__}); max_device_batch and data_repeat need the "
+                            "template's training loader")
         elif not getattr(strategy, "shards_own_loader", False):
             if is_distributed():
                 raise TypeError(f"{type(strategy).__name__} trains from its own loader "
@@ -146,7 +175,37 @@ class DistributedPlugin(SupervisedPlugin, supports_distributed=True):
                 self._ddp = wrap_ddp(strategy.model, find_unused_parameters=self.find_unused_parameters)
             self._bare, strategy.model = strategy.model, self._ddp
 
+    def before_training_iteration(self, strategy, **kwargs) -> None:
+        seen, total, per_rank = self._step
+        if not total:  # the strategy's own loader: one step per batch
+            strategy.accumulating_gradients = False
+            return
+        n_step = min(per_rank, total - seen // per_rank * per_rank)
+        n = len(strategy.mb_y)
+        self._scale = n / n_step
+        self._step = (seen + n, total, per_rank)
+        strategy.accumulating_gradients = (seen + n) % per_rank != 0 and seen + n < total
+
+    @torch.no_grad()
+    def after_backward(self, strategy, **kwargs) -> None:
+        """Accumulate the micro-batch's gradient, scaled by its share of the step; release it at the step's end."""
+        if self._micro == 1:
+            return
+        for group in strategy.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    held = self._held.get(p)
+                    self._held[p] = p.grad.mul_(self._scale) if held is None else held.add_(p.grad, alpha=self._scale)
+                    p.grad = None
+        if not strategy.accumulating_gradients:
+            for p, grad in self._held.items():
+                p.grad = grad
+            self._held = {}
+
     def after_training_epoch(self, strategy, **kwargs) -> None:
+        if self._held:
+            raise RuntimeError("gradient accumulation ended an epoch with held gradients (a bug: the last "
+                               "micro-batch of every epoch steps)")
         if self._bare is not None:
             strategy.model, self._bare = self._bare, None
 

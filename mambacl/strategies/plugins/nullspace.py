@@ -323,12 +323,16 @@ class NullSpacePlugin(SupervisedPlugin, supports_distributed=True):
         strategy.optimizer.state.clear()  # fresh moments: old ones are not in the new null space
 
     def before_update(self, strategy: SupervisedTemplate, **kwargs) -> None:
-        """Snapshot the projected parameters before the optimizer step."""
+        """Snapshot the projected parameters before the optimizer step (none while gradients accumulate)."""
+        if getattr(strategy, "accumulating_gradients", False):
+            return
         self._snapshots = {name: p.detach().clone() for name, (p, _, _) in self._active.items()}
 
     @torch.no_grad()
     def after_update(self, strategy: SupervisedTemplate, **kwargs) -> None:
         """Replace each projected parameter's step by ``step @ P`` (``P @ step`` for A_log)."""
+        if getattr(strategy, "accumulating_gradients", False):
+            return
         for name, (p, proj, side) in self._active.items():
             old = self._snapshots[name]
             step = (p - old).reshape(p.shape[0], -1)
