@@ -15,55 +15,41 @@ from mambacl.kernels.selective_scan import selective_scan_chunk
 from mambacl.kernels.selective_scan.triton import selective_scan_triton
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "kernels"))
-from scan_oracle import Case, check_against_oracle, longhorn_oracle, make_inputs, mamba_oracle  # noqa: E402
+from scan_oracle import (Case, check_against_oracle, longhorn_args, longhorn_oracle, make_inputs, mamba_args,  # noqa: E402
+                         mamba_oracle, with_nan)
 
-b, d, L, n = 2, 6, 5, 4
-
-
-def _mamba(**overrides):
-    args = dict(u=torch.randn(b, d, L), delta=torch.rand(b, d, L), A=-torch.rand(d, n), B=torch.randn(b, n, L),
-                C=torch.randn(b, 3, n, L), D=torch.randn(d), z=torch.randn(b, d, L), delta_bias=torch.randn(d))
-    args.update(overrides)
-    return args
+b, d, L, n = 2, 6, 5, 4  # the sizes of scan_oracle.mamba_args
 
 
 def _longhorn(**overrides):
-    args = dict(u=torch.randn(b, d, L), delta=torch.randn(b, d, L), k=torch.randn(b, n, L), q=torch.randn(d, n),
-                D=torch.randn(d), z=torch.randn(b, d, L), delta_bias=torch.randn(d))
-    args.update(overrides)
-    return args
-
-
-def _with_nan(shape, index):
-    t = torch.randn(shape)
-    t[index] = float("nan")
-    return t
+    """Variable k and constant q (the shared builder has them the other way round)."""
+    return longhorn_args(**{"k": torch.randn(b, n, L), "q": torch.randn(d, n), **overrides})
 
 
 BAD_CALLS = [
-    pytest.param(selective_scan, _mamba(u=torch.randn(d, L)), ValueError, r"^u must have 3 dimensions",
+    pytest.param(selective_scan, mamba_args(u=torch.randn(d, L)), ValueError, r"^u must have 3 dimensions",
                  id="selective_scan-u-rank-2"),
-    pytest.param(selective_scan, _mamba(delta=torch.rand(b, d, L + 1)), ValueError, r"^delta has shape \(2, 6, 6\)",
+    pytest.param(selective_scan, mamba_args(delta=torch.rand(b, d, L + 1)), ValueError, r"^delta has shape \(2, 6, 6\)",
                  id="selective_scan-delta-longer-than-u"),
-    pytest.param(selective_scan, _mamba(A=-torch.ones(d, n, dtype=torch.int32)), TypeError,
+    pytest.param(selective_scan, mamba_args(A=-torch.ones(d, n, dtype=torch.int32)), TypeError,
                  r"^A must be a floating tensor", id="selective_scan-A-int"),
-    pytest.param(selective_scan, _mamba(A=-torch.rand(d, 0), B=torch.randn(b, 0, L), C=torch.randn(d, 0)),
+    pytest.param(selective_scan, mamba_args(A=-torch.rand(d, 0), B=torch.randn(b, 0, L), C=torch.randn(d, 0)),
                  ValueError, r"^A: d_state must be in \[1, 256\], got 0", id="selective_scan-d_state-0"),
-    pytest.param(selective_scan, _mamba(B=torch.randn(b, 4, n, L)), ValueError,
+    pytest.param(selective_scan, mamba_args(B=torch.randn(b, 4, n, L)), ValueError,
                  r"^B: dim 6 is not divisible by the number of groups 4", id="selective_scan-B-groups"),
-    pytest.param(selective_scan, _mamba(C=torch.randn(b, n, L)[..., :-1]), ValueError, r"^C has shape \(2, 4, 4\)",
+    pytest.param(selective_scan, mamba_args(C=torch.randn(b, n, L)[..., :-1]), ValueError, r"^C has shape \(2, 4, 4\)",
                  id="selective_scan-C-shorter-than-u"),
-    pytest.param(selective_scan, _mamba(delta_bias=torch.randn(d + 1)), ValueError, r"^delta_bias has shape \(7,\)",
+    pytest.param(selective_scan, mamba_args(delta_bias=torch.randn(d + 1)), ValueError, r"^delta_bias has shape \(7,\)",
                  id="selective_scan-delta_bias-length"),
-    pytest.param(selective_scan, _mamba(z=torch.randn(b, d, L, dtype=torch.complex64)), TypeError, r"^z must be real",
+    pytest.param(selective_scan, mamba_args(z=torch.randn(b, d, L, dtype=torch.complex64)), TypeError, r"^z must be real",
                  id="selective_scan-z-complex"),
-    pytest.param(selective_scan, {**_mamba(), "backend": "cuda"}, ValueError, r"^backend must be one of",
+    pytest.param(selective_scan, {**mamba_args(), "backend": "cuda"}, ValueError, r"^backend must be one of",
                  id="selective_scan-unknown-backend"),
-    pytest.param(selective_scan, _mamba(z=_with_nan((b, d, L), (1, 2, 3))), ValueError, r"^z: non-finite",
+    pytest.param(selective_scan, mamba_args(z=with_nan((b, d, L), (1, 2, 3))), ValueError, r"^z: non-finite",
                  id="selective_scan-z-NaN-on-cpu"),
-    pytest.param(selective_scan, _mamba(delta_bias=torch.full((d,), float("inf"))), ValueError,
+    pytest.param(selective_scan, mamba_args(delta_bias=torch.full((d,), float("inf"))), ValueError,
                  r"^delta_bias: non-finite", id="selective_scan-delta_bias-inf-on-cpu"),
-    pytest.param(selective_scan, _mamba(u=_with_nan((b, d, L), 0).bfloat16(), B=_with_nan((b, n, L), (1, 3, 0))), ValueError,
+    pytest.param(selective_scan, mamba_args(u=with_nan((b, d, L), 0).bfloat16(), B=with_nan((b, n, L), (1, 3, 0))), ValueError,
                  r"^u, B: non-finite", id="selective_scan-u-bf16-and-B-NaN"),
     pytest.param(longhorn_scan, _longhorn(k=torch.randn(n)), ValueError, r"^k must be constant \(dim, d_state\)",
                  id="longhorn_scan-k-rank-1"),
@@ -71,19 +57,19 @@ BAD_CALLS = [
                  id="longhorn_scan-q-state-size"),
     pytest.param(longhorn_scan, _longhorn(D=torch.randn(d, device="meta")), ValueError, r"^D is on meta but u",
                  id="longhorn_scan-D-other-device"),
-    pytest.param(longhorn_scan, _longhorn(u=_with_nan((b, d, L), (0, 5, 4))), ValueError, r"^u: non-finite",
+    pytest.param(longhorn_scan, _longhorn(u=with_nan((b, d, L), (0, 5, 4))), ValueError, r"^u: non-finite",
                  id="longhorn_scan-u-NaN-on-cpu"),
     pytest.param(longhorn_scan, {**_longhorn(), "backend": "mamba_ssm"}, ValueError, r"^backend must be one of",
                  id="longhorn_scan-unknown-backend"),
-    pytest.param(selective_scan_chunk, {**_mamba(), "chunk_size": 0}, ValueError, r"^chunk_size must be a positive int",
+    pytest.param(selective_scan_chunk, {**mamba_args(), "chunk_size": 0}, ValueError, r"^chunk_size must be a positive int",
                  id="selective_scan_chunk-chunk_size-0"),
     pytest.param(longhorn_scan_chunk, {**_longhorn(), "chunk_size": True}, ValueError, r"^chunk_size must be",
                  id="longhorn_scan_chunk-chunk_size-bool"),
-    pytest.param(selective_scan_chunk, {**_mamba(u=torch.randn(0, d, L), delta=torch.rand(0, d, L),
+    pytest.param(selective_scan_chunk, {**mamba_args(u=torch.randn(0, d, L), delta=torch.rand(0, d, L),
                                                  B=torch.randn(0, n, L), C=torch.randn(d, n), z=None),
                                         "chunk_size": -1},
                  ValueError, r"^chunk_size must be", id="selective_scan_chunk-empty-batch-chunk_size-negative"),
-    pytest.param(selective_scan_triton, {**_mamba(), "chunk_size": 3}, ValueError,
+    pytest.param(selective_scan_triton, {**mamba_args(), "chunk_size": 3}, ValueError,
                  r"^chunk_size must be a positive power of two, got 3", id="selective_scan_triton-chunk_size-3"),
     pytest.param(longhorn_scan_triton, {**_longhorn(), "block_d": 0}, ValueError,
                  r"^block_d must be a positive power of two, got 0", id="longhorn_scan_triton-block_d-0"),
@@ -102,13 +88,13 @@ def test_bad_call_raises_naming_the_argument(fn, kwargs, error, match):
 def test_triton_backend_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
     monkeypatch.setattr(triton_scan, "_is_interpreted", lambda: False)
     with pytest.raises(ValueError, match=r"the triton backend needs CUDA tensors .*; u is on cpu"):
-        selective_scan(**_mamba(), backend="triton")
+        selective_scan(**mamba_args(), backend="triton")
 
 
 def test_unknown_finite_check_setting_is_named(monkeypatch):
     monkeypatch.setenv("MAMBACL_CHECK_FINITE", "yes")
     with pytest.raises(ValueError, match=r"^MAMBACL_CHECK_FINITE must be '0', '1' or unset, got 'yes'"):
-        selective_scan(**_mamba())
+        selective_scan(**mamba_args())
 
 
 # ---- valid edge cases against the float64 oracle (tests/kernels/scan_oracle.py) ----
@@ -170,5 +156,5 @@ def test_empty_sequence_returns_the_initial_state_and_zero_gradients(op: str, ba
 def test_finite_check_switched_off_lets_nan_through(monkeypatch):
     """MAMBACL_CHECK_FINITE=0 skips the check on the CPU too: NaN reaches the output instead of an error."""
     monkeypatch.setenv("MAMBACL_CHECK_FINITE", "0")
-    out = selective_scan(**_mamba(u=_with_nan((b, d, L), (0, 1, 0))))
+    out = selective_scan(**mamba_args(u=with_nan((b, d, L), (0, 1, 0))))
     assert torch.isnan(out[0, 1]).all() and torch.isfinite(out[1]).all()
