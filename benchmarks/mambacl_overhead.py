@@ -130,11 +130,12 @@ def bench_size(size: int, batch: int, iters: int, n_collect: int, task_size: int
 
     epoch = t_cl * task_size / batch
     boundary = t_collect / n_collect * task_size + t_decomp
-    return {"model": model_name, "img_size": size, "batch": batch, "naive_s": t_naive, "naive_same_params_s": t_same, "mambacl_s": t_cl,
-            "projection_s": t_proj, "projection_overhead": t_proj / t_same, "naive_peak_mb": m_naive, "mambacl_peak_mb": m_cl,
-            "collect_s_per_image": t_collect / n_collect, "decompose_s": t_decomp,
-            "boundary_over_epoch": boundary / epoch, "boundary_over_mambacl_epoch": boundary / (MAMBACL_REPEATS * epoch),
-            "n_projected": len(plugin._active), "max_rel_err": err}
+    return {"model": model_name, "img_size": size, "batch": batch, "naive_s": t_naive, "naive_same_params_s": t_same,
+            "mambacl_s": t_cl, "projection_s": t_proj, "projection_overhead": t_proj / t_same,
+            "naive_peak_mb": m_naive, "mambacl_peak_mb": m_cl, "collect_s_per_image": t_collect / n_collect,
+            "decompose_s": t_decomp, "boundary_over_epoch": boundary / epoch,
+            "boundary_over_mambacl_epoch": boundary / (MAMBACL_REPEATS * epoch), "n_projected": len(plugin._active),
+            "max_rel_err": err}
 
 
 def overhead_table(results: List[dict], task_size: int) -> str:

@@ -15,8 +15,8 @@ from mambacl.kernels.selective_scan import selective_scan_chunk
 from mambacl.kernels.selective_scan.triton import selective_scan_triton
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "kernels"))
-from scan_oracle import (Case, check_against_oracle, longhorn_args, longhorn_oracle, make_inputs, mamba_args,  # noqa: E402
-                         mamba_oracle, with_nan)
+from scan_oracle import (  # noqa: E402
+    Case, check_against_oracle, longhorn_args, longhorn_oracle, make_inputs, mamba_args, mamba_oracle, with_nan)
 
 b, d, L, n = 2, 6, 5, 4  # the sizes of scan_oracle.mamba_args
 
@@ -41,16 +41,16 @@ BAD_CALLS = [
                  id="selective_scan-C-shorter-than-u"),
     pytest.param(selective_scan, mamba_args(delta_bias=torch.randn(d + 1)), ValueError, r"^delta_bias has shape \(7,\)",
                  id="selective_scan-delta_bias-length"),
-    pytest.param(selective_scan, mamba_args(z=torch.randn(b, d, L, dtype=torch.complex64)), TypeError, r"^z must be real",
-                 id="selective_scan-z-complex"),
+    pytest.param(selective_scan, mamba_args(z=torch.randn(b, d, L, dtype=torch.complex64)), TypeError,
+                 r"^z must be real", id="selective_scan-z-complex"),
     pytest.param(selective_scan, {**mamba_args(), "backend": "cuda"}, ValueError, r"^backend must be one of",
                  id="selective_scan-unknown-backend"),
     pytest.param(selective_scan, mamba_args(z=with_nan((b, d, L), (1, 2, 3))), ValueError, r"^z: non-finite",
                  id="selective_scan-z-NaN-on-cpu"),
     pytest.param(selective_scan, mamba_args(delta_bias=torch.full((d,), float("inf"))), ValueError,
                  r"^delta_bias: non-finite", id="selective_scan-delta_bias-inf-on-cpu"),
-    pytest.param(selective_scan, mamba_args(u=with_nan((b, d, L), 0).bfloat16(), B=with_nan((b, n, L), (1, 3, 0))), ValueError,
-                 r"^u, B: non-finite", id="selective_scan-u-bf16-and-B-NaN"),
+    pytest.param(selective_scan, mamba_args(u=with_nan((b, d, L), 0).bfloat16(), B=with_nan((b, n, L), (1, 3, 0))),
+                 ValueError, r"^u, B: non-finite", id="selective_scan-u-bf16-and-B-NaN"),
     pytest.param(longhorn_scan, _longhorn(k=torch.randn(n)), ValueError, r"^k must be constant \(dim, d_state\)",
                  id="longhorn_scan-k-rank-1"),
     pytest.param(longhorn_scan, _longhorn(q=torch.randn(d, n + 1)), ValueError, r"^q has shape \(6, 5\), expected",
@@ -61,7 +61,8 @@ BAD_CALLS = [
                  id="longhorn_scan-u-NaN-on-cpu"),
     pytest.param(longhorn_scan, {**_longhorn(), "backend": "mamba_ssm"}, ValueError, r"^backend must be one of",
                  id="longhorn_scan-unknown-backend"),
-    pytest.param(selective_scan_chunk, {**mamba_args(), "chunk_size": 0}, ValueError, r"^chunk_size must be a positive int",
+    pytest.param(selective_scan_chunk, {**mamba_args(), "chunk_size": 0}, ValueError,
+                 r"^chunk_size must be a positive int",
                  id="selective_scan_chunk-chunk_size-0"),
     pytest.param(longhorn_scan_chunk, {**_longhorn(), "chunk_size": True}, ValueError, r"^chunk_size must be",
                  id="longhorn_scan_chunk-chunk_size-bool"),
@@ -75,7 +76,8 @@ BAD_CALLS = [
                  r"^block_d must be a positive power of two, got 0", id="longhorn_scan_triton-block_d-0"),
     pytest.param(longhorn_scan_triton, {**_longhorn(u=torch.randn(b, d, 0), delta=torch.randn(b, d, 0),
                                                     k=torch.randn(d, n), z=None), "chunk_size": 2.0},
-                 ValueError, r"^chunk_size must be a positive power of two", id="longhorn_scan_triton-empty-float-chunk"),
+                 ValueError, r"^chunk_size must be a positive power of two",
+                 id="longhorn_scan_triton-empty-float-chunk"),
 ]
 
 
