@@ -84,10 +84,11 @@ DRY_PLAN = Plan(
     overhead_model="test_vim", run_model="test_vim", run_data=(1, 1), sync_scan=(1, 4, 5, 2),
     sync_model=(4, 1, 4), copy_numel=2 ** 20)
 PARTS = ("correctness", "scan_speed", "throughput", "overhead", "run")
-# What each part imports before its budget starts (forking imports them all once, in the parent).
+# What each part imports before its budget starts (forking imports them all once, in the parent). setuptools
+# comes before Avalanche: GPUtil, which Avalanche imports, needs distutils, on Python 3.12 only setuptools' shim.
 PART_MODULES = {"correctness": ("mambacl.kernels.triton_scan", "mambacl.backbones"), "scan_speed": ("scan_speed",),
-                "throughput": ("backbone_throughput",), "overhead": ("mambacl_overhead",),
-                "run": ("mambacl.experiments", "mambacl.benchmarks.fscil")}
+                "throughput": ("backbone_throughput",), "overhead": ("setuptools", "mambacl_overhead"),
+                "run": ("setuptools", "mambacl.experiments", "mambacl.benchmarks.fscil")}
 FAILED = ("FAILED", "crashed", "killed")  # part statuses that fail the check
 
 
