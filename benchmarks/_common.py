@@ -8,7 +8,7 @@ import re
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -35,13 +35,15 @@ def machine_info() -> Dict[str, str]:
     return info
 
 
-def _device_name(info: Dict[str, str]) -> str:
+def device_name(info: Dict[str, str]) -> str:
+    """The device a figure was measured on, as RESULTS.md names it (the GPU, else the CPU and its threads)."""
     return info.get("gpu", f"CPU only ({info['cpu_count']} cores, {info['torch_threads']} torch threads)")
 
 
-def describe_machine() -> str:
-    info = machine_info()
-    return f"{_device_name(info)}; torch {info['torch']}, Python {info['python']}, commit {info['commit']}"
+def describe_machine(info: Optional[Dict[str, str]] = None) -> str:
+    """One line naming the device, torch, Python and commit of ``info`` (default: this machine)."""
+    info = info or machine_info()
+    return f"{device_name(info)}; torch {info['torch']}, Python {info['python']}, commit {info['commit']}"
 
 
 def time_call(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
@@ -66,19 +68,29 @@ def markdown_table(header: Sequence[str], rows: List[Sequence[object]]) -> str:
 
 
 def write_outputs(name: str, payload: dict, table: str, title: str, notes: str = "", record: bool = True) -> None:
-    """Print the table, write ``<name>.json`` next to the scripts and record a section in RESULTS.md: it
-    replaces the section of the same title measured on the same device (older figures and notes on it are
-    superseded), else it is appended."""
+    """Print the table, write ``<name>.json`` next to the scripts and record a section in RESULTS.md (see
+    :func:`record_results`)."""
     print(table)
     payload = {"machine": machine_info(), **payload}
     Path(__file__).with_name(f"{name}.json").write_text(json.dumps(payload, indent=2))
     if record:
-        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        section = f"## {title}\n\nMeasured {stamp} on {describe_machine()}.\n\n{table}\n"
-        if notes:
-            section += f"\n{notes}\n"
-        RESULTS_MD.write_text(record_section(RESULTS_MD.read_text() if RESULTS_MD.exists() else "", section,
-                                             _device_name(payload["machine"])))
+        record_results(title, table, notes, payload["machine"])
+
+
+def record_results(title: str, table: str, notes: str, machine: Dict[str, str], stamp: Optional[str] = None,
+                   results: Path = RESULTS_MD) -> None:
+    """Write the section ``title`` measured on ``machine`` (a :func:`machine_info`) into ``results``: it replaces
+    the section of the same title measured on the same device (older figures and notes on it are superseded),
+    else it is appended.
+
+    Args:
+        stamp: when the figures were measured (default: now, UTC).
+    """
+    stamp = stamp or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    section = f"## {title}\n\nMeasured {stamp} on {describe_machine(machine)}.\n\n{table}\n"
+    if notes:
+        section += f"\n{notes}\n"
+    results.write_text(record_section(results.read_text() if results.exists() else "", section, device_name(machine)))
 
 
 def record_section(document: str, section: str, device: str) -> str:

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import List
 
 import timm
 import torch
@@ -40,9 +41,9 @@ class _EvalDataset(TensorDataset):
         return self
 
 
-def _model(size: int, device: torch.device) -> torch.nn.Module:
+def _model(name: str, size: int, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
-    return timm.create_model("vim_tiny_patch16_224", img_size=size, num_classes=10).to(device)
+    return timm.create_model(name, img_size=size, num_classes=10).to(device)
 
 
 def _step_fn(model, x, y, plugin=None):
@@ -87,15 +88,24 @@ def _check_projection(plugin) -> float:
     return err
 
 
-def bench_size(size: int, batch: int, iters: int, n_collect: int, task_size: int, device) -> dict:
+def bench_size(size: int, batch: int, iters: int, n_collect: int, task_size: int, device,
+               model_name: str = "vim_tiny_patch16_224") -> dict:
+    """Step times, peak memory and boundary cost of Mamba-CL vs Naive on ``model_name`` at ``size`` px.
+
+    Args:
+        batch, iters: training batch and timed steps (median); n_collect: images of the timed covariance pass;
+        task_size: images per task for the boundary / epoch ratios.
+    Returns:
+        the figures of one table row (seconds, MB, ratios) and the projected step's error against float64.
+    """
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
 
-    naive = _model(size, device)
+    naive = _model(model_name, size, device)
     t_naive = time_call(_step_fn(naive, x, y), repeat=iters, warmup=1)
     m_naive = _peak_mb(_step_fn(naive, x, y), device)
 
-    model = _model(size, device)
+    model = _model(model_name, size, device)
     plugin = NullSpacePlugin(progress=False, exclude=("head",), collect_mb_size=batch)
     plugin.configure(model)  # freezes all but the paper's trainable parameters
     t_same = time_call(_step_fn(model, x, y), repeat=iters, warmup=1)
@@ -120,11 +130,34 @@ def bench_size(size: int, batch: int, iters: int, n_collect: int, task_size: int
 
     epoch = t_cl * task_size / batch
     boundary = t_collect / n_collect * task_size + t_decomp
-    return {"img_size": size, "batch": batch, "naive_s": t_naive, "naive_same_params_s": t_same, "mambacl_s": t_cl,
-            "projection_s": t_proj, "projection_overhead": t_proj / t_same, "naive_peak_mb": m_naive, "mambacl_peak_mb": m_cl,
-            "collect_s_per_image": t_collect / n_collect, "decompose_s": t_decomp,
-            "boundary_over_epoch": boundary / epoch, "boundary_over_mambacl_epoch": boundary / (MAMBACL_REPEATS * epoch),
-            "n_projected": len(plugin._active), "max_rel_err": err}
+    return {"model": model_name, "img_size": size, "batch": batch, "naive_s": t_naive, "naive_same_params_s": t_same,
+            "mambacl_s": t_cl, "projection_s": t_proj, "projection_overhead": t_proj / t_same,
+            "naive_peak_mb": m_naive, "mambacl_peak_mb": m_cl, "collect_s_per_image": t_collect / n_collect,
+            "decompose_s": t_decomp, "boundary_over_epoch": boundary / epoch,
+            "boundary_over_mambacl_epoch": boundary / (MAMBACL_REPEATS * epoch), "n_projected": len(plugin._active),
+            "max_rel_err": err}
+
+
+def overhead_table(results: List[dict], task_size: int) -> str:
+    """The markdown table of :func:`bench_size` results."""
+    rows = [[r["img_size"], r["batch"], f"{r['naive_s'] * 1e3:.1f}", f"{r['naive_same_params_s'] * 1e3:.1f}",
+             f"{r['mambacl_s'] * 1e3:.1f}", f"{r['projection_s'] * 1e3:.1f}", f"{100 * r['projection_overhead']:+.1f}%",
+             f"{r['naive_peak_mb']:.0f} / {r['mambacl_peak_mb']:.0f}", f"{r['collect_s_per_image'] * 1e3:.2f}",
+             f"{r['decompose_s']:.2f}", f"{100 * r['boundary_over_epoch']:.1f}%",
+             f"{100 * r['boundary_over_mambacl_epoch']:.1f}%", f"{r['max_rel_err']:.1e}"] for r in results]
+    return markdown_table(["px", "batch", "naive ms/it", "naive (same params) ms/it", "MambaCL ms/it",
+                           "projection ms/it", "projection overhead", "peak MB naive / MambaCL", "collect ms/img",
+                           "decompose s", f"boundary / epoch ({task_size} img)",
+                           f"boundary / Mamba-CL epoch (x{MAMBACL_REPEATS})", "step err vs fp64"], rows)
+
+
+NOTES = ("Targets: projection overhead < 10% per iteration; covariance collection + decomposition "
+         "< 10% of one epoch. The boundary pass is one forward over the task data plus float64 "
+         "covariances, so against a single-pass epoch it cannot go below about a third (forward vs "
+         "forward + backward); Mamba-CL's epoch repeats the data x5. The projection cost does not "
+         "grow with the batch, so its overhead falls with larger batches (Mamba-CL: 200). Peak "
+         "memory is reported on CUDA only.")
+MAX_STEP_ERR = 1e-4  # projected step against the float64 reference, relative to the update
 
 
 def main() -> None:
@@ -140,31 +173,14 @@ def main() -> None:
     if args.quick:
         args.sizes, args.batch, args.iters, args.n_collect = [32], 4, 2, 8
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows, results = [], []
+    results = []
     for size in args.sizes:
         r = bench_size(size, args.batch, args.iters, args.n_collect, args.task_size, device)
-        if r["max_rel_err"] > 1e-4:
+        if r["max_rel_err"] > MAX_STEP_ERR:
             raise SystemExit(f"projected step differs from the float64 reference: {r['max_rel_err']:.2e}")
         results.append(r)
-        rows.append([size, args.batch, f"{r['naive_s'] * 1e3:.1f}", f"{r['naive_same_params_s'] * 1e3:.1f}",
-                     f"{r['mambacl_s'] * 1e3:.1f}", f"{r['projection_s'] * 1e3:.1f}", f"{100 * r['projection_overhead']:+.1f}%",
-                     f"{r['naive_peak_mb']:.0f} / {r['mambacl_peak_mb']:.0f}",
-                     f"{r['collect_s_per_image'] * 1e3:.2f}", f"{r['decompose_s']:.2f}",
-                     f"{100 * r['boundary_over_epoch']:.1f}%", f"{100 * r['boundary_over_mambacl_epoch']:.1f}%",
-                     f"{r['max_rel_err']:.1e}"])
-    table = markdown_table(["px", "batch", "naive ms/it", "naive (same params) ms/it", "MambaCL ms/it",
-                            "projection ms/it", "projection overhead", "peak MB naive / MambaCL", "collect ms/img", "decompose s",
-                            f"boundary / epoch ({args.task_size} img)", f"boundary / Mamba-CL epoch (x{MAMBACL_REPEATS})",
-                            "step err vs fp64"], rows)
-    write_outputs("mambacl_overhead", {"args": vars(args), "results": results}, table,
-                  "Mamba-CL overhead (benchmarks/mambacl_overhead.py)",
-                  notes="Targets: projection overhead < 10% per iteration; covariance collection + decomposition "
-                        "< 10% of one epoch. The boundary pass is one forward over the task data plus float64 "
-                        "covariances, so against a single-pass epoch it cannot go below about a third (forward vs "
-                        "forward + backward); Mamba-CL's epoch repeats the data x5. The projection cost does not "
-                        "grow with the batch, so its overhead falls with larger batches (Mamba-CL: 200). Peak "
-                        "memory is reported on CUDA only.",
-                  record=not args.no_record)
+    write_outputs("mambacl_overhead", {"args": vars(args), "results": results}, overhead_table(results, args.task_size),
+                  "Mamba-CL overhead (benchmarks/mambacl_overhead.py)", notes=NOTES, record=not args.no_record)
 
 
 if __name__ == "__main__":

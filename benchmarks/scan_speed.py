@@ -16,7 +16,7 @@ import resource
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -85,11 +85,28 @@ def check(op: str, backends: List[str], shape, device: str) -> Dict[str, List[fl
     return errors
 
 
-def copy_bandwidth(device: torch.device) -> float:
-    """Device-to-device copy bandwidth in GB/s (bytes read + written) on a 512 MiB buffer."""
-    src = torch.empty(128 * 2 ** 20, device=device)
+def device_seconds(fn: Callable[[], object]) -> Tuple[float, str]:
+    """Median device time of fn() on CUDA and how it was taken: replays of a CUDA graph of fn (no launch or
+    Python overhead), or CUDA events around each call where fn cannot be captured."""
+    import triton.testing
+
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median") / 1e3, "CUDA graph"
+    except Exception:  # noqa: BLE001  (capture refused: fall back to events, which include launch overhead)
+        return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") / 1e3, "CUDA events"
+
+
+def copy_bandwidth(device: torch.device, numel: int = 128 * 2 ** 20) -> float:
+    """Device-to-device copy bandwidth in GB/s (bytes read + written) on a ``numel``-float buffer (512 MiB);
+    median of CUDA events on a GPU, best of 10 host-timed copies elsewhere."""
+    src = torch.empty(numel, device=device)
     dst = torch.empty_like(src)
-    seconds = min(time_call(lambda: dst.copy_(src), repeat=1, warmup=1) for _ in range(10))
+    if device.type == "cuda":
+        import triton.testing
+
+        seconds = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=100, return_mode="median") / 1e3
+    else:
+        seconds = min(time_call(lambda: dst.copy_(src), repeat=1, warmup=1) for _ in range(10))
     return 2 * src.numel() * src.element_size() / seconds / 1e9
 
 
@@ -117,8 +134,13 @@ def cpu_peak_bytes(fn: Callable[[], object]) -> float:
         return 1024.0 * (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)  # KiB on Linux
 
 
-def measure(op: str, backend: str, shape, device: str, repeat: int) -> Dict[str, float]:
-    """In this process: peak memory of one fwd+bwd above the inputs, then best-of-`repeat` times (seconds)."""
+def measure(op: str, backend: str, shape, device: str, repeat: int, copy_gbs: Optional[float] = None
+            ) -> Dict[str, float]:
+    """In this process: peak memory of one fwd+bwd above the inputs, then best-of-`repeat` times (seconds).
+
+    For Triton on CUDA also the forward's device time (``kernel_fwd_s``, see :func:`device_seconds`), its
+    achieved bandwidth and the copy bandwidth ``copy_gbs`` (measured here unless given).
+    """
     dev = torch.device(device)
     inputs = scan_problem(op, *shape, device=device)
     if dev.type == "cuda":
@@ -144,8 +166,9 @@ def measure(op: str, backend: str, shape, device: str, repeat: int) -> Dict[str,
         seq_bytes = inputs["u"].numel() * inputs["u"].element_size()
         moved = 4 * seq_bytes + sum(inputs[k].numel() * inputs[k].element_size() for k in ("B", "C", "k", "q")
                                     if k in inputs)
-        result["bandwidth_gbs"] = moved / result["fwd_s"] / 1e9
-        result["copy_gbs"] = copy_bandwidth(dev)
+        result["kernel_fwd_s"], result["kernel_timing"] = device_seconds(forward)
+        result["bandwidth_gbs"] = moved / result["kernel_fwd_s"] / 1e9
+        result["copy_gbs"] = copy_bandwidth(dev) if copy_gbs is None else copy_gbs
     return result
 
 
@@ -180,6 +203,56 @@ def target_notes(records: List[Dict[str, object]]) -> List[str]:
     return notes
 
 
+SPEED_HEADER = ["op", "config", "b x D x L x N", "backend", "fwd ms", "fwd+bwd ms", "peak MiB", "vs pscan",
+                "vs reference", "fwd kernel ms", "GB/s (fwd kernel)"]
+
+
+def speed_table(records: List[Dict[str, object]]) -> str:
+    """The markdown table of :func:`measure` records (each with op, config, shape, backend); the speed-ups are
+    fwd+bwd time against pscan and the reference of the same op and config."""
+    fwd_bwd = {(r["op"], r["config"], r["backend"]): r["fwd_bwd_s"] for r in records}
+    rows = []
+    for r in records:
+        base = {k: fwd_bwd.get((r["op"], r["config"], k)) for k in ("pscan", "reference")}
+        bw = "-"
+        if "bandwidth_gbs" in r:
+            bw = f"{r['bandwidth_gbs']:.0f} ({100 * r['bandwidth_gbs'] / r['copy_gbs']:.0f}% of copy)"
+        kernel = f"{1e3 * r['kernel_fwd_s']:.3f}" if "kernel_fwd_s" in r else "-"
+        rows.append([r["op"], r["config"], "x".join(map(str, r["shape"])), r["backend"], f"{1e3 * r['fwd_s']:.2f}",
+                     f"{1e3 * r['fwd_bwd_s']:.2f}", f"{r['peak_bytes'] / 2 ** 20:.0f}",
+                     ratio(base["pscan"], r["fwd_bwd_s"]), ratio(base["reference"], r["fwd_bwd_s"]), kernel, bw])
+    return markdown_table(SPEED_HEADER, rows)
+
+
+def speed_notes(records: List[Dict[str, object]], repeat: int, threads: int, reference_long: bool,
+                pscan_ok: bool, cpu: bool = True) -> List[str]:
+    """The notes under the speed table: what was measured and how, skipped rows, the CPU targets (``cpu``)."""
+    notes = []
+    if not pscan_ok:
+        notes.append("mambapy is not installed (pip install -e '.[bench]'): pscan rows skipped.")
+    if any(r["shape"][2] > 1024 for r in records) and not reference_long:
+        notes.append("The sequential reference is not timed at L 2048 (pass --reference-long); it is still the "
+                     "oracle of the correctness check there, at batch 1.")
+    notes.append(f"Best of {repeat} repeats (the reference: one call), {threads} torch thread(s). "
+                 "Peak memory: the fwd+bwd high-water mark above the inputs (on the CPU the resident set, its "
+                 "high-water mark reset before the call; on CUDA max_memory_allocated). Every backend was checked "
+                 f"against the reference first (max |out err| and relative grad err <= {CHECK_TOL}, batch 1).")
+    if any("kernel_fwd_s" in r for r in records):
+        methods = sorted({r["kernel_timing"] for r in records if "kernel_timing" in r})
+        notes.append("fwd/fwd+bwd ms: host-timed op calls (Python dispatch included, synchronised). Fwd kernel: "
+                     f"median device time of the Triton forward ({' / '.join(methods)}); its bandwidth counts "
+                     "reading u, delta, z, B, C and writing out once, against a device-to-device copy measured "
+                     "in the same run (read + write).")
+    return notes + (target_notes(records) if cpu else [])
+
+
+def timed_backends(op: str, shape, device: torch.device, pscan_ok: bool, reference_long: bool) -> List[str]:
+    """The backends timed for `op` at `shape`: those native to `device`, pscan (Mamba, when installed), and the
+    reference only up to L 1024 unless `reference_long`."""
+    backends = available_backends(device) + (["pscan"] if pscan_ok and op == "selective_scan" else [])
+    return [b for b in backends if b != "reference" or shape[2] <= 1024 or reference_long]
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="Vim-tiny only, 3 repeats")
@@ -203,43 +276,20 @@ def main(argv: Optional[List[str]] = None) -> None:
         torch.set_num_threads(args.threads)
     configs = ["vim-tiny"] if args.quick else args.configs
     repeat = 3 if args.quick else args.repeat
-    notes = []
     pscan_ok = has_mambapy()
-    if not pscan_ok:
-        notes.append("mambapy is not installed (pip install -e '.[bench]'): pscan rows skipped.")
-    rows, records = [], []
+    records = []
     for op in args.ops:
-        backends = available_backends(torch.device(args.device)) + (["pscan"] if pscan_ok and op == "selective_scan"
-                                                                    else [])
         for name in configs:
             shape = CONFIGS[name]
+            backends = timed_backends(op, shape, torch.device(args.device), pscan_ok, args.reference_long)
             errors = check(op, backends, shape, args.device)
-            timed = {}
             for backend in backends:
-                if backend == "reference" and shape[2] > 1024 and not args.reference_long:
-                    continue
-                timed[backend] = measure_in_subprocess(op, backend, shape, args.device,
-                                                       1 if backend == "reference" else repeat)
-            for backend, m in timed.items():
-                base = {k: timed.get(k, {}).get("fwd_bwd_s") for k in ("pscan", "reference")}
-                bw = f"{m['bandwidth_gbs']:.0f} ({100 * m['bandwidth_gbs'] / m['copy_gbs']:.0f}% of copy)" \
-                    if "bandwidth_gbs" in m else "-"
-                rows.append([op, name, "x".join(map(str, shape)), backend, f"{1e3 * m['fwd_s']:.1f}",
-                             f"{1e3 * m['fwd_bwd_s']:.1f}", f"{m['peak_bytes'] / 2 ** 20:.0f}",
-                             ratio(base["pscan"], m["fwd_bwd_s"]), ratio(base["reference"], m["fwd_bwd_s"]), bw])
+                m = measure_in_subprocess(op, backend, shape, args.device, 1 if backend == "reference" else repeat)
                 records.append({"op": op, "config": name, "shape": shape, "backend": backend,
                                 "check_errors": errors.get(backend), **m})
-    if "long-2048" in configs and not args.reference_long:
-        notes.append("The sequential reference is not timed at L 2048 (pass --reference-long); it is still the "
-                     "oracle of the correctness check there, at batch 1.")
-    notes.append(f"Best of {repeat} repeats (the reference: one call), {torch.get_num_threads()} torch thread(s). "
-                 "Peak memory: the fwd+bwd high-water mark above the inputs (on the CPU the resident set, its "
-                 "high-water mark reset before the call). Every backend was checked against the reference first "
-                 f"(max |out err| and relative grad err <= {CHECK_TOL}, batch 1).")
-    notes += target_notes(records)
-    header = ["op", "config", "b x D x L x N", "backend", "fwd ms", "fwd+bwd ms", "peak MiB", "vs pscan",
-              "vs reference", "GB/s (fwd)"]
-    write_outputs("scan_speed", {"records": records, "notes": notes}, markdown_table(header, rows),
+    notes = speed_notes(records, repeat, torch.get_num_threads(), args.reference_long, pscan_ok,
+                        cpu=args.device == "cpu")
+    write_outputs("scan_speed", {"records": records, "notes": notes}, speed_table(records),
                   "Selective-scan speed (scan_speed.py" + (" --quick)" if args.quick else ")"), "\n".join(notes),
                   record=not args.no_append)
 

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .utils import compute_dtype
+from .utils import bc_state_size, compute_dtype, empty_scan
 
 CHUNK_ELEMENTS = 2 ** 19  # one chunk's [T, b, D, N] fp32 temporary stays near 2 MiB, in cache
 MIN_CHUNK, MAX_CHUNK = 8, 64
@@ -250,7 +250,7 @@ def _chunk_scan_op(form: str, u: torch.Tensor, delta: torch.Tensor, P: Optional[
 @_chunk_scan_op.register_fake
 def _(form, u, delta, P, B, C, D, z, delta_bias, softplus, chunk):
     batch, dim, seqlen = u.shape
-    d_state = B.shape[-1] if B.dim() == 2 else B.shape[-2]
+    d_state = bc_state_size(B)
     cdt = compute_dtype(u.dtype)
     n_chunks = -(-seqlen // chunk)
     return (u.new_empty(u.shape), u.new_empty((batch, dim, d_state), dtype=cdt),
@@ -306,12 +306,15 @@ def chunk_scan(form: str, u: torch.Tensor, delta: torch.Tensor, P: Optional[torc
                chunk: Optional[int] = None):
     """Run the registered op for ``form`` ('mamba' or 'longhorn'); see the ops' public functions for shapes.
 
-    ``chunk`` (time steps per chunk) defaults to :func:`chunk_length` of the problem.
+    ``chunk`` (time steps per chunk) defaults to :func:`chunk_length` of the problem; inputs without elements
+    give :func:`~mambacl.kernels.utils.empty_scan`.
     """
-    if chunk is None:
-        chunk = chunk_length(u.shape[0], u.shape[1], B.shape[-1] if B.dim() == 2 else B.shape[-2])
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk!r}")
+    if u.numel() == 0:
+        return empty_scan(u, (delta, P, B, C, D, z, delta_bias), bc_state_size(B), return_last_state)
+    if chunk is None:
+        chunk = chunk_length(u.shape[0], u.shape[1], bc_state_size(B))
     args = [None if x is None else x.contiguous() for x in (u, delta, P, B, C, D, z, delta_bias)]
     out, last, _, _ = torch.ops.mambacl.chunk_scan(form, *args, softplus, chunk)
     return (out, last) if return_last_state else out

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .utils import bc_state_size
+
 MODES = {"mamba": 0, "longhorn": 1}
 LOG2E = tl.constexpr(1.4426950408889634)
 # exp2 above 126 is near the fp32 limit: decay exponents are clamped there (reachable only with A > 0 or dt < 0).
@@ -318,11 +320,13 @@ def _is_interpreted() -> bool:
     return type(_scan_fwd_kernel).__name__ == "InterpretedFunction"
 
 
-def _pow2_param(name: str, value: Optional[int]) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value & (value - 1):
-        raise ValueError(f"{name} must be a positive power of two, got {value!r}")
+def check_block_sizes(chunk_size: Optional[int], block_d: Optional[int]) -> None:
+    """Raise a ValueError naming ``chunk_size`` or ``block_d`` unless each is None or a positive power of two."""
+    for name, value in (("chunk_size", chunk_size), ("block_d", block_d)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value & (value - 1):
+            raise ValueError(f"{name} must be a positive power of two, got {value!r}")
 
 
 def scan_config(d_state: int, seqlen: int, chunk_size: Optional[int] = None, block_d: Optional[int] = None,
@@ -337,8 +341,7 @@ def scan_config(d_state: int, seqlen: int, chunk_size: Optional[int] = None, blo
         chunk_size, block_d: explicit T / BLOCK_D (powers of two), or None for the defaults.
         backward: pick the default BLOCK_D for the backward kernel.
     """
-    _pow2_param("chunk_size", chunk_size)
-    _pow2_param("block_d", block_d)
+    check_block_sizes(chunk_size, block_d)
     block_n = triton.next_power_of_2(d_state)
     if chunk_size is None:
         chunk_size = min(triton.next_power_of_2(seqlen), max(8, min(64, 512 // block_n)))
@@ -377,7 +380,7 @@ def _launch(mode: str, u: torch.Tensor, B: torch.Tensor, chunk_size: Optional[in
         raise ValueError(f"the triton backend needs CUDA tensors (CPU ones only under TRITON_INTERPRET=1); "
                          f"u is on {u.device}")
     batch, dim, seqlen = u.shape
-    d_state = B.shape[1] if B.dim() == 2 else B.shape[-2]
+    d_state = bc_state_size(B)
     block_d, block_n, T = scan_config(d_state, seqlen, chunk_size, block_d, backward)
     return _Launch(batch, dim, seqlen, d_state, block_d, block_n, T, triton.cdiv(seqlen, T),
                    (batch, triton.cdiv(dim, block_d)))
@@ -473,7 +476,7 @@ def _triton_scan_fwd_op(mode: str, u: torch.Tensor, delta: torch.Tensor, P: Opti
 @_triton_scan_fwd_op.register_fake
 def _(mode, u, delta, P, B, C, D, z, delta_bias, softplus, chunk_size, block_d):
     batch, dim, seqlen = u.shape
-    d_state = B.shape[1] if B.dim() == 2 else B.shape[-2]
+    d_state = bc_state_size(B)
     _, _, T = scan_config(d_state, seqlen, chunk_size, block_d)
     return u.new_empty(u.shape), u.new_empty((batch, dim, triton.cdiv(seqlen, T), d_state), dtype=torch.float32)
 
@@ -498,8 +501,7 @@ def triton_scan_fwd(mode: str, u: torch.Tensor, delta: torch.Tensor, P: Optional
                     delta_bias: Optional[torch.Tensor], softplus: bool, chunk_size: Optional[int],
                     block_d: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`scan_fwd` through the registered op ``torch.ops.mambacl.triton_scan_fwd`` (block sizes checked)."""
-    _pow2_param("chunk_size", chunk_size)
-    _pow2_param("block_d", block_d)
+    check_block_sizes(chunk_size, block_d)
     return _triton_scan_fwd_op(mode, u, delta, P, B, C, D, z, delta_bias, softplus, chunk_size, block_d)
 
 

@@ -16,8 +16,19 @@ def available_backends(device: torch.device) -> List[str]:
     return ["reference", "chunk"] + (["triton"] if device.type == "cuda" else [])
 
 
+def _bc_shape(form: str, batch: int, dim: int, seqlen: int, d_state: int) -> Tuple[int, ...]:
+    if form == "const":
+        return (dim, d_state)
+    if form == "var":
+        return (batch, d_state, seqlen)
+    if form.startswith("group") and form[len("group"):].isdigit():
+        return (batch, int(form[len("group"):]), d_state, seqlen)
+    raise ValueError(f"B/C form must be 'const', 'var' or 'group<G>', got {form!r}")
+
+
 def scan_problem(op: str, batch: int, dim: int, seqlen: int, d_state: int, *, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32, seed: int = 0) -> Dict[str, torch.Tensor]:
+                 dtype: torch.dtype = torch.float32, seed: int = 0, bc_forms: Tuple[str, str] = ("var", "var"),
+                 extras: bool = True) -> Dict[str, torch.Tensor]:
     """Random inputs shaped like one direction of a Vim mixer: variable B/C (or k/q), D, z and delta_bias.
 
     A follows Mamba's S4D-real init ``A[d, n] = -(n + 1)``; delta is pre-softplus, as the mixer passes it.
@@ -25,6 +36,9 @@ def scan_problem(op: str, batch: int, dim: int, seqlen: int, d_state: int, *, de
     Args:
         op: 'selective_scan' or 'longhorn_scan'.
         batch, dim, seqlen, d_state: b, D, L, N.
+        bc_forms: forms of (B, C) (or (k, q)): 'const' ``[D, N]`` (fp32, a weight), 'var' ``[b, N, L]`` or
+            'group<G>' ``[b, G, N, L]`` (in ``dtype``).
+        extras: with D, z, delta_bias (and softplus for Mamba); without, none of them and a positive delta.
     Returns:
         keyword arguments of `op` (tensors on `device`, sequences and B/C in `dtype`), leaves requiring grad.
     """
@@ -36,14 +50,20 @@ def scan_problem(op: str, batch: int, dim: int, seqlen: int, d_state: int, *, de
         return (torch.randn(*shape, generator=gen) * scale + shift).to(device=device, dtype=dt).requires_grad_()
 
     seq = (batch, dim, seqlen)
-    x = {"u": rand(*seq), "delta": rand(*seq, scale=0.5, shift=-3.0),
-         "B": rand(batch, d_state, seqlen), "C": rand(batch, d_state, seqlen),
-         "D": rand(dim, dt=torch.float32), "z": rand(*seq), "delta_bias": rand(dim, scale=0.1, dt=torch.float32)}
+    B, C = (rand(*_bc_shape(form, batch, dim, seqlen, d_state), dt=torch.float32 if form == "const" else dtype)
+            for form in bc_forms)
+    x = {"u": rand(*seq), "B": B, "C": C}
+    if op == "selective_scan" and not extras:
+        x["delta"] = (0.5 * torch.rand(*seq, generator=gen)).to(device=device, dtype=dtype).requires_grad_()
+    else:
+        x["delta"] = rand(*seq, scale=0.5, shift=-3.0)
+    if extras:
+        x.update(D=rand(dim, dt=torch.float32), z=rand(*seq), delta_bias=rand(dim, scale=0.1, dt=torch.float32))
     if op == "longhorn_scan":
         x["k"], x["q"] = x.pop("B"), x.pop("C")
         return x
     x["A"] = -torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(dim, 1).requires_grad_()
-    x["delta_softplus"] = True
+    x["delta_softplus"] = extras
     return x
 
 

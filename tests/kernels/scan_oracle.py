@@ -129,6 +129,8 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, rtol: 
     """Elementwise |actual - expected| <= atol + rtol*|expected| in float64, with the worst element reported."""
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a, e = actual.detach().double(), expected.detach().double()
+    if a.numel() == 0:
+        return
     assert torch.isfinite(a).all(), f"{name}: non-finite values"
     excess = (a - e).abs() - (atol + rtol * e.abs())
     worst = int(excess.argmax())
@@ -182,3 +184,30 @@ OPTIONS = {
     "D-softplus-last": dict(D=True, softplus=True, last_state=True),
     "z-bias": dict(z=True, delta_bias=True),
 }
+
+
+# ---- valid call arguments for the bad-input tests: each bad case overrides one of them ----
+
+def mamba_args(**overrides) -> Dict[str, torch.Tensor]:
+    """Valid selective_scan keywords (b 2, D 6, L 5, N 4, variable B, grouped C with 3 groups), then overrides."""
+    b, d, L, n = 2, 6, 5, 4
+    args = dict(u=torch.randn(b, d, L), delta=torch.rand(b, d, L), A=-torch.rand(d, n), B=torch.randn(b, n, L),
+                C=torch.randn(b, 3, n, L), D=torch.randn(d), z=torch.randn(b, d, L), delta_bias=torch.randn(d))
+    args.update(overrides)
+    return args
+
+
+def longhorn_args(**overrides) -> Dict[str, torch.Tensor]:
+    """Valid longhorn_scan keywords: :func:`mamba_args` without A, B as k and C as q, then overrides."""
+    args = mamba_args()
+    del args["A"]
+    args["k"], args["q"] = args.pop("B"), args.pop("C")
+    args.update(overrides)
+    return args
+
+
+def with_nan(shape: Tuple[int, ...], index) -> torch.Tensor:
+    """A randn tensor with NaN at ``index``."""
+    t = torch.randn(shape)
+    t[index] = float("nan")
+    return t

@@ -4,7 +4,7 @@ import inspect
 
 import pytest
 import torch
-from scan_oracle import SHAPES, assert_close, make_inputs
+from scan_oracle import SHAPES, assert_close, longhorn_args, make_inputs, mamba_args, with_nan
 
 from mambacl.kernels import longhorn_scan, longhorn_scan_ref, selective_scan, selective_scan_fn, selective_scan_ref
 from mambacl.kernels.longhorn_scan import longhorn_scan_chunk
@@ -60,28 +60,6 @@ def test_signatures_follow_mamba_ssm(op, expected, fns):
 
 # ---- validation ----
 
-def _mamba_args(**overrides):
-    b, d, L, n = 2, 6, 5, 4
-    args = dict(u=torch.randn(b, d, L), delta=torch.rand(b, d, L), A=-torch.rand(d, n), B=torch.randn(b, n, L),
-                C=torch.randn(b, 3, n, L), D=torch.randn(d), z=torch.randn(b, d, L), delta_bias=torch.randn(d))
-    args.update(overrides)
-    return args
-
-
-def _longhorn_args(**overrides):
-    args = _mamba_args()
-    del args["A"]
-    args["k"], args["q"] = args.pop("B"), args.pop("C")
-    args.update(overrides)
-    return args
-
-
-def _nan_at(shape, index):
-    t = torch.randn(shape)
-    t[index] = float("nan")
-    return t
-
-
 MAMBA_BAD = {
     "u rank": (dict(u=torch.randn(6, 5)), ValueError, r"u must have 3 dimensions"),
     "u int": (dict(u=torch.ones(2, 6, 5, dtype=torch.int64)), TypeError, r"u must be a floating tensor"),
@@ -103,9 +81,9 @@ MAMBA_BAD = {
     "C groups": (dict(C=torch.randn(2, 4, 4, 5)), ValueError, r"C: dim 6 is not divisible by the number of groups 4"),
     "D length": (dict(D=torch.randn(5)), ValueError, r"D has shape \(5,\), expected \(6,\)"),
     "delta_bias rank": (dict(delta_bias=torch.randn(6, 1)), ValueError, r"delta_bias must have 1 dimensions"),
-    "u NaN": (dict(u=_nan_at((2, 6, 5), (1, 2, 3))), ValueError, r"^u: non-finite values"),
-    "delta NaN": (dict(delta=_nan_at((2, 6, 5), (0, 0, 4))), ValueError, r"^delta: non-finite values"),
-    "B and z NaN": (dict(B=_nan_at((2, 4, 5), (0, 0, 0)), z=_nan_at((2, 6, 5), 0)), ValueError, r"^B, z: non-finite"),
+    "u NaN": (dict(u=with_nan((2, 6, 5), (1, 2, 3))), ValueError, r"^u: non-finite values"),
+    "delta NaN": (dict(delta=with_nan((2, 6, 5), (0, 0, 4))), ValueError, r"^delta: non-finite values"),
+    "B and z NaN": (dict(B=with_nan((2, 4, 5), (0, 0, 0)), z=with_nan((2, 6, 5), 0)), ValueError, r"^B, z: non-finite"),
     "B on meta": (dict(B=torch.randn(2, 4, 5, device="meta")), ValueError, r"B is on meta but u is on cpu"),
     "D on meta": (dict(D=torch.randn(6, device="meta")), ValueError, r"D is on meta but u is on cpu"),
 }
@@ -114,7 +92,7 @@ MAMBA_BAD = {
 @pytest.mark.parametrize("overrides,error,match", MAMBA_BAD.values(), ids=MAMBA_BAD.keys())
 def test_selective_scan_bad_input(overrides, error, match):
     with pytest.raises(error, match=match):
-        selective_scan(**_mamba_args(**overrides))
+        selective_scan(**mamba_args(**overrides))
 
 
 LONGHORN_BAD = {
@@ -125,7 +103,7 @@ LONGHORN_BAD = {
     "q N": (dict(q=torch.randn(2, 5, 5)), ValueError, r"q has shape \(2, 5, 5\), expected \(2, 4, 5\)"),
     "q groups": (dict(q=torch.randn(2, 5, 4, 5)), ValueError, r"q: dim 6 is not divisible by the number of groups 5"),
     "delta shape": (dict(delta=torch.rand(2, 6)), ValueError, r"delta must have 3 dimensions"),
-    "u NaN": (dict(u=_nan_at((2, 6, 5), (1, 5, 0))), ValueError, r"^u: non-finite values"),
+    "u NaN": (dict(u=with_nan((2, 6, 5), (1, 5, 0))), ValueError, r"^u: non-finite values"),
     "delta inf": (dict(delta=torch.full((2, 6, 5), float("inf"))), ValueError, r"^delta: non-finite values"),
     "z on meta": (dict(z=torch.randn(2, 6, 5, device="meta")), ValueError, r"z is on meta but u is on cpu"),
 }
@@ -134,22 +112,22 @@ LONGHORN_BAD = {
 @pytest.mark.parametrize("overrides,error,match", LONGHORN_BAD.values(), ids=LONGHORN_BAD.keys())
 def test_longhorn_scan_bad_input(overrides, error, match):
     with pytest.raises(error, match=match):
-        longhorn_scan(**_longhorn_args(**overrides))
+        longhorn_scan(**longhorn_args(**overrides))
 
 
 def test_backend_and_chunk_size_are_checked():
     with pytest.raises(ValueError, match=r"backend must be one of"):
-        selective_scan(**_mamba_args(), backend="cuda")
+        selective_scan(**mamba_args(), backend="cuda")
     with pytest.raises(ValueError, match=r"chunk_size must be a positive int or None, got 0"):
-        selective_scan_chunk(*_mamba_args().values(), chunk_size=0)
+        selective_scan_chunk(*mamba_args().values(), chunk_size=0)
     with pytest.raises(ValueError, match=r"chunk_size must be a positive int"):
-        longhorn_scan_chunk(*_longhorn_args().values(), chunk_size=2.0)
+        longhorn_scan_chunk(*longhorn_args().values(), chunk_size=2.0)
 
 
 def test_valid_arguments_pass():
     """The baseline arguments of the bad-input tests are valid: each error comes from its one override."""
-    assert selective_scan(**_mamba_args()).shape == (2, 6, 5)
-    assert longhorn_scan(**_longhorn_args()).shape == (2, 6, 5)
+    assert selective_scan(**mamba_args()).shape == (2, 6, 5)
+    assert longhorn_scan(**longhorn_args()).shape == (2, 6, 5)
 
 
 # ---- torch.compile and the custom ops ----

@@ -23,11 +23,10 @@ __all__ = ["longhorn_scan", "longhorn_scan_ref", "longhorn_scan_chunk", "check_l
 
 
 def check_longhorn_scan_args(u, delta, k, q, D=None, z=None, delta_bias=None) -> None:
-    """Validate shapes, dtypes, devices and finiteness; raise ValueError/TypeError naming the argument."""
+    """Validate shapes, dtypes, devices and (see :func:`~mambacl.kernels.utils.check_finite`) finiteness;
+    raise ValueError/TypeError naming the argument."""
     _check_tensor("u", u, 3)
     batch, dim, seqlen = u.shape
-    if seqlen < 1:
-        raise ValueError(f"u must have a sequence length >= 1, got shape {tuple(u.shape)}")
     check_sequence("delta", delta, (batch, dim, seqlen), required=True)
     check_sequence("z", z, (batch, dim, seqlen))
     d_state = bc_d_state("k", k)
@@ -63,11 +62,14 @@ def longhorn_scan(
         return_last_state: also return the final state ``[b, D, N]`` (no gradient).
         backend: 'auto', 'reference', 'chunk' or 'triton'.
     Returns:
-        out ``[b, D, L]`` in u's dtype, or ``(out, last_state)``.
+        out ``[b, D, L]`` in u's dtype, or ``(out, last_state)``. An input without elements (b, D or L = 0)
+        gives an empty out, the zero initial state as last state and zero gradients.
     Raises:
         TypeError: a non-tensor, integer or complex input. ValueError (naming the argument): a wrong rank or
         shape, groups not dividing dim, N outside [1, 256], inputs on different devices, NaN/inf in any input
-        (checked in eager mode only), or an unknown backend.
+        (checked in eager mode, by default on every device but CUDA, where the check's host read would stall
+        the launch queue; ``MAMBACL_CHECK_FINITE=1`` turns it on there, ``0`` off everywhere, see
+        :func:`~mambacl.kernels.utils.finite_check_enabled`), or an unknown backend.
     """
     check_longhorn_scan_args(u, delta, k, q, D, z, delta_bias)
     resolved = check_backend(backend, u.device)

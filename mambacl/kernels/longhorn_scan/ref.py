@@ -6,7 +6,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from ..utils import compute_dtype, expand_bc
+from ..utils import bc_state_size, compute_dtype, empty_scan, expand_bc
 
 
 def longhorn_scan_ref(
@@ -29,8 +29,11 @@ def longhorn_scan_ref(
         k, q: constant ``[D, N]``, variable ``[b, N, L]`` or grouped ``[b, G, N, L]``.
         D, delta_bias: ``[D]`` or None.
     Returns:
-        out ``[b, D, L]`` in u's dtype, and the last state ``[b, D, N]`` when requested.
+        out ``[b, D, L]`` in u's dtype, and the last state ``[b, D, N]`` when requested. Inputs without elements
+        give :func:`~mambacl.kernels.utils.empty_scan`.
     """
+    if u.numel() == 0:
+        return empty_scan(u, (delta, k, q, D, z, delta_bias), bc_state_size(k), return_last_state)
     dtype_in = u.dtype
     cdt = compute_dtype(dtype_in)
     batch, dim, seqlen = u.shape

@@ -5,8 +5,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..triton_scan import triton_scan_bwd, triton_scan_fwd
-from ..utils import input_guard
+from ..triton_scan import check_block_sizes, triton_scan_bwd, triton_scan_fwd
+from ..utils import bc_state_size, empty_scan, input_guard
 
 
 @input_guard
@@ -65,5 +65,8 @@ def longhorn_scan_triton(
     Args and Returns as :func:`mambacl.kernels.longhorn_scan` (no validation of the tensors here), plus
     ``chunk_size`` and ``block_d`` as in :func:`mambacl.kernels.selective_scan.triton.selective_scan_triton`.
     """
+    if u.numel() == 0:
+        check_block_sizes(chunk_size, block_d)
+        return empty_scan(u, (delta, k, q, D, z, delta_bias), bc_state_size(k), return_last_state)
     out, last = LonghornScanTritonFunction.apply(u, delta, k, q, D, z, delta_bias, chunk_size, block_d)
     return (out, last) if return_last_state else out

@@ -23,11 +23,10 @@ __all__ = ["selective_scan", "selective_scan_fn", "selective_scan_ref", "selecti
 
 
 def check_selective_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> None:
-    """Validate shapes, dtypes, devices and finiteness; raise ValueError/TypeError naming the argument."""
+    """Validate shapes, dtypes, devices and (see :func:`~mambacl.kernels.utils.check_finite`) finiteness;
+    raise ValueError/TypeError naming the argument."""
     _check_tensor("u", u, 3)
     batch, dim, seqlen = u.shape
-    if seqlen < 1:
-        raise ValueError(f"u must have a sequence length >= 1, got shape {tuple(u.shape)}")
     check_sequence("delta", delta, (batch, dim, seqlen), required=True)
     check_sequence("z", z, (batch, dim, seqlen))
     _check_tensor("A", A, 2)
@@ -71,11 +70,14 @@ def selective_scan(
         return_last_state: also return the final state ``[b, D, N]`` (fp32, no gradient).
         backend: 'auto' (Triton on CUDA, the chunked PyTorch path elsewhere), 'reference', 'chunk' or 'triton'.
     Returns:
-        out ``[b, D, L]`` in u's dtype, or ``(out, last_state)``.
+        out ``[b, D, L]`` in u's dtype, or ``(out, last_state)``. An input without elements (b, D or L = 0)
+        gives an empty out, the zero initial state as last state and zero gradients.
     Raises:
         TypeError: a non-tensor, integer or complex input. ValueError (naming the argument): a wrong rank or
         shape, groups not dividing dim, N outside [1, 256], inputs on different devices, NaN/inf in any input
-        (checked in eager mode only), or an unknown backend.
+        (checked in eager mode, by default on every device but CUDA, where the check's host read would stall
+        the launch queue; ``MAMBACL_CHECK_FINITE=1`` turns it on there, ``0`` off everywhere, see
+        :func:`~mambacl.kernels.utils.finite_check_enabled`), or an unknown backend.
 
     Examples:
         >>> u = torch.randn(2, 8, 5); A = -torch.rand(8, 4); B = torch.randn(2, 4, 5)

@@ -6,7 +6,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from ..utils import compute_dtype, expand_bc, softplus
+from ..utils import bc_state_size, compute_dtype, empty_scan, expand_bc, softplus
 
 
 def selective_scan_ref(
@@ -30,8 +30,11 @@ def selective_scan_ref(
         D, delta_bias: ``[D]`` or None.
     Returns:
         out ``[b, D, L]`` in u's dtype, and the last state ``[b, D, N]`` (fp32) when requested.
-        Computed in fp32 (fp64 when u is fp64); differentiable through autograd.
+        Computed in fp32 (fp64 when u is fp64); differentiable through autograd. Inputs without elements give
+        :func:`~mambacl.kernels.utils.empty_scan` (the zero initial state as last state, zero gradients).
     """
+    if u.numel() == 0:
+        return empty_scan(u, (delta, A, B, C, D, z, delta_bias), bc_state_size(B), return_last_state)
     dtype_in = u.dtype
     cdt = compute_dtype(dtype_in)
     batch, dim, seqlen = u.shape

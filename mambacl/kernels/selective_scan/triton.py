@@ -5,8 +5,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..triton_scan import triton_scan_bwd, triton_scan_fwd
-from ..utils import input_guard
+from ..triton_scan import check_block_sizes, triton_scan_bwd, triton_scan_fwd
+from ..utils import bc_state_size, empty_scan, input_guard
 
 
 @input_guard
@@ -67,8 +67,12 @@ def selective_scan_triton(
 
     Args and Returns as :func:`mambacl.kernels.selective_scan` (no validation of the tensors here), plus
     ``chunk_size`` (time steps per chunk) and ``block_d`` (channels per program), powers of two or None for
-    defaults picked from N and L. Backward recomputes each chunk from its saved chunk-end state.
+    defaults picked from N and L. Backward recomputes each chunk from its saved chunk-end state. Inputs without
+    elements give :func:`~mambacl.kernels.utils.empty_scan` (no launch).
     """
+    if u.numel() == 0:
+        check_block_sizes(chunk_size, block_d)
+        return empty_scan(u, (delta, A, B, C, D, z, delta_bias), bc_state_size(B), return_last_state)
     out, last = SelectiveScanTritonFunction.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                                   chunk_size, block_d)
     return (out, last) if return_last_state else out
