@@ -22,6 +22,7 @@ import timm
 from mambacl.benchmarks import get_benchmark, list_benchmarks
 from mambacl.experiments.checkpoint import checkpoint_config, latest_manifest
 from mambacl.experiments.config import HARMLESS_KEYS, RunConfig, load_yaml
+from mambacl.experiments.recipe import apply_recipe, get_recipe, list_recipes
 from mambacl.experiments.runner import RunInterrupted
 from mambacl.experiments import compare, compare_table, run_benchmark
 from mambacl.strategies.plugins import NonFiniteLossError
@@ -33,7 +34,7 @@ DEFAULT_STRATEGIES = ("mambacl", "naive")
 DEFAULT_OUT = "mambacl_runs/default"
 # option dest -> RunConfig field, for the options shared by run and compare
 _SHARED = ("benchmark", "model", "pretrained", "epochs", "lr", "weight_decay", "batch_size", "eval_batch_size",
-           "device", "out", "tensorboard", "autocast", "num_workers")
+           "device", "out", "tensorboard", "autocast", "num_workers", "max_device_batch")
 # failures a user can fix from the message alone; anything else is a bug and keeps its traceback
 _EXPECTED = (ValueError, TypeError, OSError, NonFiniteLossError)
 
@@ -57,12 +58,13 @@ def _add_folder_options(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _add_shared(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", help="a shipped recipe (see `mambacl list`); --config and options override its keys")
     p.add_argument("--config", help="YAML or JSON file with RunConfig keys (options given here override it)")
     p.add_argument("--benchmark", help=f"benchmark name ({', '.join(list_benchmarks())})")
     p.add_argument("--benchmark-arg", action="append", metavar="KEY=VALUE", help="benchmark argument (repeatable)")
     p.add_argument("--model", help="timm model name (default: the benchmark's)")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="timm.create_model kwarg (repeatable)")
-    p.add_argument("--pretrained", metavar="FILE", help="local backbone checkpoint")
+    p.add_argument("--pretrained", metavar="FILE", help="local backbone checkpoint ('none': from scratch)")
     p.add_argument("--epochs", type=int, help="training epochs per experience")
     p.add_argument("--lr", type=float, help="learning rate")
     p.add_argument("--weight-decay", type=float)
@@ -72,6 +74,8 @@ def _add_shared(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", help="output folder")
     p.add_argument("--autocast", choices=["bf16", "fp16"], help="mixed-precision forward on GPUs")
     p.add_argument("--num-workers", type=int, help="DataLoader workers per process")
+    p.add_argument("--max-device-batch", type=int, metavar="N",
+                   help="largest batch per process; larger batches accumulate gradients (same result)")
     p.add_argument("--tensorboard", action="store_true", default=None, help="also write TensorBoard logs")
     _add_console(p)
 
@@ -109,10 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _given(args: argparse.Namespace, **overrides: Any) -> Dict[str, Any]:
     """The RunConfig keys this command line sets: the --config file, then the explicit options."""
-    data = RunConfig.from_file(args.config).to_dict() if args.config else {}
+    data = RunConfig.read_file(args.config) if args.config else {}
     for name in _SHARED:
         if getattr(args, name) is not None:
             data[name] = getattr(args, name)
+    if data.get("pretrained") == "none":
+        data["pretrained"] = None
     for option, key in (("benchmark_arg", "benchmark_args"), ("model_arg", "model_args")):
         items = _key_values(getattr(args, option), "--" + option.replace("_", "-"))
         if items:
@@ -122,7 +128,7 @@ def _given(args: argparse.Namespace, **overrides: Any) -> Dict[str, Any]:
     if args.verbose:
         data["verbose"] = True
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return data
+    return apply_recipe(args.recipe, data) if args.recipe else data
 
 
 def _resume_config(folder: str, given: Dict[str, Any]) -> RunConfig:
@@ -151,7 +157,11 @@ def _list() -> None:
     for name in list_strategies():
         params = ", ".join(f"{p.name}={p.default!r}" for p in strategy_hparams(name).values())
         print(f"  {name:<22} {get_strategy(name).summary}" + (f"\n  {'':<22} [{params}]" if params else ""))
-    print("\nModels (Vision Mamba; any timm model name also works):")
+    print("\nRecipes (mambacl run --recipe NAME; options override their keys):")
+    for name in list_recipes():
+        recipe = get_recipe(name)
+        print(f"  {recipe.tag:<30} {recipe.summary}\n  {'':<30} needs: {', '.join(recipe.requires) or 'nothing'}")
+    print("\nModels (Vision Mamba and De-focus Mamba; any timm model name also works):")
     for name in timm.list_models(["vim_*", "longhorn_vim_*", "defocus_mamba_*", "test_vim", "test_longhorn_vim",
                                   "test_defocus_mamba"]):
         print(f"  {name}")

@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import yaml
 
@@ -23,7 +23,7 @@ __all__ = ["RunConfig", "HARMLESS_KEYS", "AUTOCAST", "load_yaml"]
 
 AUTOCAST = ("bf16", "fp16")
 # keys a resumed run may change: where it runs and what it prints, never what it computes
-HARMLESS_KEYS = ("device", "out", "progress", "verbose", "num_workers")
+HARMLESS_KEYS = ("device", "out", "progress", "verbose", "num_workers", "max_device_batch")
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
 
@@ -88,6 +88,17 @@ def _device(name: str, value: Any) -> None:
         raise ValueError(f"config key {name!r} must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {value!r}")
 
 
+def _optional_positive_int(name: str, value: Any) -> None:
+    if value is not None:
+        _positive_int(name, value)
+
+
+def _milestones(name: str, value: Any) -> None:
+    if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value) \
+            or value != sorted(set(value)):
+        raise ValueError(f"config key {name!r} must be an increasing list of epochs >= 1, got {value!r}")
+
+
 def _autocast(name: str, value: Any) -> None:
     if value is not None and value not in AUTOCAST:
         raise ValueError(f"config key {name!r} must be null or one of {AUTOCAST}, got {value!r}")
@@ -100,7 +111,8 @@ _RULES: Dict[str, Callable[[str, Any], None]] = {
     "weight_decay": lambda n, v: _number(n, v, positive=False), "batch_size": _positive_int,
     "eval_batch_size": _positive_int, "device": _device, "seed": _non_negative_int, "out": _text,
     "tensorboard": _flag, "progress": _flag, "verbose": _flag, "num_workers": _non_negative_int,
-    "autocast": _autocast,
+    "autocast": _autocast, "max_device_batch": _optional_positive_int, "data_repeat": _positive_int,
+    "lr_milestones": _milestones, "lr_gamma": lambda n, v: _number(n, v, positive=True), "recipe": _optional_text,
 }
 
 
@@ -122,6 +134,12 @@ class RunConfig:
         verbose: Avalanche's interactive logger (every metric of every evaluation, a bar per epoch).
         num_workers: DataLoader worker processes per rank.
         autocast: None, 'bf16' or 'fp16' mixed-precision forward (for GPUs; see DistributedPlugin).
+        max_device_batch: largest batch one process forwards at once; a larger ``batch_size`` is reached by
+            gradient accumulation with the same gradients (see DistributedPlugin). None: no accumulation.
+        data_repeat: each epoch runs over this many shuffled copies of the experience's data (Mamba-CL: 5).
+        lr_milestones, lr_gamma: the learning rate is multiplied by ``lr_gamma`` at these epochs of every
+            experience (MultiStepLR, restarted per experience; Mamba-CL: [5, 8], 0.1). Empty: constant.
+        recipe: the recipe (``name@version``) the config came from, for the record.
 
     Under ``torchrun`` the run is data-parallel (see ``mambacl.strategies.distributed``): ``batch_size`` and
     ``eval_batch_size`` are global, every rank must get the same config, and rank 0 alone logs and writes files.
@@ -148,6 +166,11 @@ class RunConfig:
     verbose: bool = False
     num_workers: int = 0
     autocast: Optional[str] = None
+    max_device_batch: Optional[int] = None
+    data_repeat: int = 1
+    lr_milestones: List[int] = field(default_factory=list)
+    lr_gamma: float = 0.1
+    recipe: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.out is None:
@@ -158,6 +181,8 @@ class RunConfig:
             self.lr = float(self.lr)
         if isinstance(self.weight_decay, int):
             self.weight_decay = float(self.weight_decay)
+        if isinstance(self.lr_gamma, int):
+            self.lr_gamma = float(self.lr_gamma)
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "RunConfig":
@@ -171,8 +196,8 @@ class RunConfig:
         return cls(**data)
 
     @classmethod
-    def from_file(cls, path: Union[str, Path]) -> "RunConfig":
-        """Read a ``.yaml``/``.yml`` or ``.json`` config file (see :meth:`from_dict`)."""
+    def read_file(cls, path: Union[str, Path]) -> Dict[str, Any]:
+        """The keys a ``.yaml``/``.yml`` or ``.json`` config file sets (checked: valid keys and values)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
@@ -182,7 +207,13 @@ class RunConfig:
         except (json.JSONDecodeError, yaml.YAMLError) as err:
             raise ValueError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
                              f"{err}") from err
-        return cls.from_dict(data or {})
+        cls.from_dict(data or {})
+        return dict(data or {})
+
+    @classmethod
+    def from_file(cls, path: Union[str, Path]) -> "RunConfig":
+        """Read a ``.yaml``/``.yml`` or ``.json`` config file (see :meth:`from_dict`)."""
+        return cls.from_dict(cls.read_file(path))
 
     def to_dict(self) -> Dict[str, Any]:
         """The fields as plain data (what results.json and checkpoints store)."""

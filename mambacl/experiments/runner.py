@@ -23,8 +23,9 @@ import torch
 from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetting_metrics, loss_metrics
 from avalanche.logging import InteractiveLogger, TensorboardLogger
 from avalanche.training.determinism.rng_manager import RNGManager
-from avalanche.training.plugins import EvaluationPlugin
+from avalanche.training.plugins import EvaluationPlugin, LRSchedulerPlugin
 from torch import nn
+from torch.optim.lr_scheduler import MultiStepLR
 
 import mambacl
 from mambacl.benchmarks.registry import create_benchmark, get_benchmark
@@ -89,26 +90,34 @@ def build_backbone(config: RunConfig, input_shape: Sequence[int]) -> nn.Module:
     """Create the timm backbone (no classifier) for inputs of shape ``[C, H, W]``.
 
     The benchmark's default model and model kwargs apply when ``config.model`` is None; ``img_size`` and
-    ``in_chans`` come from the data unless ``model_args`` sets them.
+    ``in_chans`` come from the data unless ``model_args`` sets them. ``config.pretrained`` is loaded by mambacl's
+    own loaders (official Vim / De-focus Mamba layouts) or, for other timm models, by timm from the local file;
+    the backbone records it as ``pretrained_source``.
     """
     spec = get_benchmark(config.benchmark)
     name = config.model or spec.default_model
+    if not timm.list_models(name):
+        raise ValueError(f"unknown model {name!r}; see `mambacl list` (any timm model name is accepted)")
     kwargs = {"img_size": int(input_shape[-1]), "in_chans": int(input_shape[0])}
     kwargs.update(spec.default_model_args if config.model is None else {})
     kwargs.update(config.model_args)
     if config.pretrained is not None:
         if not Path(config.pretrained).is_file():
             raise FileNotFoundError(f"pretrained file {config.pretrained} does not exist")
-        kwargs["pretrained_file"] = config.pretrained
-    if not timm.list_models(name):
-        raise ValueError(f"unknown model {name!r}; see `mambacl list` (any timm model name is accepted)")
+        if timm.models.model_entrypoint(name).__module__.startswith("mambacl."):
+            kwargs["pretrained_file"] = config.pretrained
+        else:
+            kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": config.pretrained})
     try:
-        return timm.create_model(name, num_classes=0, **kwargs)
+        backbone = timm.create_model(name, num_classes=0, **kwargs)
     except TypeError as error:
         if "img_size" not in str(error) or "img_size" in config.model_args:
             raise
         kwargs.pop("img_size")  # CNNs (e.g. timm's resnet18) take any input size and have no img_size argument
-        return timm.create_model(name, num_classes=0, **kwargs)
+        backbone = timm.create_model(name, num_classes=0, **kwargs)
+    if config.pretrained is not None:
+        backbone.pretrained_source = config.pretrained
+    return backbone
 
 
 def history_metrics() -> List[Any]:
@@ -205,8 +214,14 @@ def run_benchmark(config: RunConfig, resume: bool = False, stop_after: Optional[
                        train_mb_size=config.batch_size, eval_mb_size=config.eval_batch_size, device=device,
                        evaluator=evaluator,
                        plugins=[DistributedPlugin(seed=config.seed, autocast=config.autocast,
-                                                  num_workers=config.num_workers), FiniteLossPlugin()])
+                                                  num_workers=config.num_workers,
+                                                  max_device_batch=config.max_device_batch,
+                                                  data_repeat=config.data_repeat), FiniteLossPlugin()])
     strategy = create_strategy(config.strategy, setup, **config.strategy_args)
+    if config.lr_milestones:
+        # the strategy built its optimizer: schedule it, restarting at every experience (a fresh optimizer per task)
+        strategy.plugins.append(LRSchedulerPlugin(MultiStepLR(strategy.optimizer, config.lr_milestones,
+                                                              config.lr_gamma), step_granularity="epoch"))
     # a joint strategy trains once on the whole stream and is evaluated on all of it
     steps = [bench.train_stream] if spec.joint else list(bench.train_stream)
     n_test = len(bench.test_stream)

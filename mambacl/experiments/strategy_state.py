@@ -11,8 +11,9 @@ Plugin state, by the first rule that applies:
 - ``checkpoint_state()`` / ``restore_checkpoint_state(state, finished)``: state that refers to the stream
   (``finished`` are the finished training experiences); the same protocol serves strategies (e.g. Mamba-FSCIL);
 - ``state_dict()`` / ``load_state_dict(state)`` (NullSpacePlugin, DistributedPlugin);
-- Avalanche's EWC, LwF and Replay plugins, converted here (their parameter copies become tensors, LwF's teacher
-  is the restored model itself, the replay buffer becomes sample indices: see ``mambacl.strategies.storage``);
+- Avalanche's EWC, LwF, Replay and LR-scheduler plugins, converted here (their parameter copies become tensors,
+  LwF's teacher is the restored model itself, the replay buffer becomes sample indices: see
+  ``mambacl.strategies.storage``; the scheduler keeps its epoch counter and learning rates);
 - otherwise the plugin's attributes, which must then be plain data.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ from avalanche.evaluation.metrics import forgetting_bwt as _forgetting
 from avalanche.evaluation.metrics import loss as _loss
 from avalanche.evaluation.metrics import mean as _mean
 from avalanche.models.utils import avalanche_model_adaptation
-from avalanche.training.plugins import EvaluationPlugin, EWCPlugin, LwFPlugin, ReplayPlugin
+from avalanche.training.plugins import EvaluationPlugin, EWCPlugin, LRSchedulerPlugin, LwFPlugin, ReplayPlugin
 from avalanche.training.templates import SupervisedTemplate
 from avalanche.training.utils import ParamData
 
@@ -155,6 +156,10 @@ def _plugin_state(plugin: Any) -> Any:
         return {"expcount": plugin.lwf.expcount, "has_teacher": plugin.lwf.prev_model is not None,
                 "prev_classes_by_task": {int(t): sorted(int(c) for c in cs)
                                          for t, cs in plugin.lwf.prev_classes_by_task.items()}}
+    if isinstance(plugin, LRSchedulerPlugin):
+        scheduler = plugin.scheduler
+        return {"last_epoch": scheduler.last_epoch, "base_lrs": list(scheduler.base_lrs),
+                "last_lr": list(scheduler.get_last_lr())}
     if isinstance(plugin, ReplayPlugin):
         if not hasattr(plugin.storage_policy, "state_dict"):
             raise TypeError(f"ReplayPlugin's storage policy {type(plugin.storage_policy).__name__} holds datasets a "
@@ -178,6 +183,12 @@ def _restore_plugin(plugin: Any, saved: Any, strategy: SupervisedTemplate, finis
         plugin.lwf.prev_model = copy.deepcopy(strategy.model) if saved["has_teacher"] else None
         plugin.lwf.prev_classes_by_task = collections.defaultdict(
             set, {t: set(cs) for t, cs in saved["prev_classes_by_task"].items()})
+    elif isinstance(plugin, LRSchedulerPlugin):
+        scheduler = plugin.scheduler
+        scheduler.last_epoch, scheduler.base_lrs, scheduler._last_lr = (saved["last_epoch"], list(saved["base_lrs"]),
+                                                                         list(saved["last_lr"]))
+        for group, lr in zip(strategy.optimizer.param_groups, saved["last_lr"]):
+            group["lr"] = lr
     elif isinstance(plugin, ReplayPlugin):
         plugin.storage_policy.load_state_dict(saved["storage"], [exp.dataset for exp in finished])
     else:

@@ -245,17 +245,22 @@ class MambaFSCIL(SupervisedTemplate):
             self.fscil_model.neck.add_incremental_branch()
         super()._before_training_exp(**kwargs)
         p = self.protocol
-        if self.session == 0:
-            # global steps (a distributed loader has only this rank's share of them)
-            total = self.train_epochs * -(-len(self.adapted_dataset) // self.train_mb_size)
-            self._scheduler = CosineLRScheduler(self.optimizer, t_initial=max(total, 1), warmup_t=p.base_warmup,
-                                                lr_min=p.base_lr * p.base_min_lr_ratio, warmup_prefix=True,
-                                                t_in_epochs=False)
-        else:
+        if self.session > 0:
             self._scheduler = CosineLRScheduler(self.optimizer, t_initial=p.per_session("inc_steps", self.session),
                                                 warmup_t=p.inc_warmup,
                                                 warmup_prefix=True, t_in_epochs=False)
         self._updates = 0
+
+    def _before_training_epoch(self, **kwargs) -> None:
+        super()._before_training_epoch(**kwargs)
+        if self.session == 0 and self.clock.train_exp_epochs == 0:
+            # optimizer steps of the whole base session, counted once its loader exists: a DistributedPlugin says
+            # how many global steps an epoch takes (repeated data, micro-batches, this rank's share)
+            steps = getattr(self, "optimizer_steps_per_epoch", None) or len(self.dataloader)
+            p = self.protocol
+            self._scheduler = CosineLRScheduler(self.optimizer, t_initial=max(self.train_epochs * steps, 1),
+                                                warmup_t=p.base_warmup, lr_min=p.base_lr * p.base_min_lr_ratio,
+                                                warmup_prefix=True, t_in_epochs=False)
 
     def make_train_dataloader(self, num_workers: int = 0, shuffle: bool = True, pin_memory: Optional[bool] = None,
                               persistent_workers: bool = False, drop_last: bool = False, **kwargs) -> None:
@@ -414,6 +419,8 @@ class MambaFSCIL(SupervisedTemplate):
 
     def optimizer_step(self) -> None:
         super().optimizer_step()
+        if getattr(self, "accumulating_gradients", False):
+            return  # a micro-batch (DistributedPlugin's max_device_batch): no update happened
         self._updates += 1
         self._scheduler.step_update(self._updates)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from functools import partial
 from typing import Any, Dict, List, Optional
 
@@ -106,6 +107,7 @@ class DistributedPlugin(SupervisedPlugin, supports_distributed=True):
         self._step = (0, 0, 0)  # samples of this rank's epoch share seen, in it, per step
         self._held: Dict[nn.Parameter, torch.Tensor] = {}
         self._scale = 1.0
+        self._warned_own_loader = False
 
     def epoch_seed_offset(self, strategy) -> int:
         """Sampler epoch of the current training epoch: unique per (experience, epoch), stable across resumes."""
@@ -159,11 +161,18 @@ class DistributedPlugin(SupervisedPlugin, supports_distributed=True):
                 pin_memory=torch.device(strategy.device).type == "cuda", micro=self._micro, repeat=self.data_repeat)
             self._step = (0, len(strategy.dataloader.sampler), per_rank)
             self._held = {}
+            strategy.optimizer_steps_per_epoch = -(-self._step[1] // per_rank)
+        elif getattr(strategy, "shards_own_loader", False):
+            # the strategy's own global batches (replay under torchrun, Mamba-FSCIL's incremental sessions)
+            if (self.max_device_batch is not None or self.data_repeat > 1) and not self._warned_own_loader:
+                self._warned_own_loader = True
+                warnings.warn(f"{type(strategy).__name__}'s own training loader makes its own batches: "
+                              "max_device_batch and data_repeat apply only where it trains from the template's loader")
         elif self.max_device_batch is not None or self.data_repeat > 1:
             raise TypeError(f"{type(strategy).__name__} trains from its own loader "
                             f"({type(strategy.dataloader).__name__}); max_device_batch and data_repeat need the "
                             "template's training loader")
-        elif not getattr(strategy, "shards_own_loader", False):
+        else:
             if is_distributed():
                 raise TypeError(f"{type(strategy).__name__} trains from its own loader "
                                 f"({type(strategy.dataloader).__name__}); distributed runs support strategies that "
