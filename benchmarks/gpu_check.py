@@ -65,30 +65,36 @@ class Plan:
     overhead_model: str
     run_model: str
     run_data: Tuple[int, int]  # generated CIFAR-100 images per class: train, test
+    recipe_model: str  # the recipe part: the model trained under mambacl-cifar100-10's settings
+    recipe_images: int  # generated training images per class of its first experience
+    recipe_device_batch: int  # micro-batch for the recipe's global batch of 200
     sync_scan: Tuple[int, int, int, int] = (2, 64, 33, 16)  # host-sync check: one scan's b, D, L, N
     sync_model: Tuple[int, int, int] = (64, 2, 192)  # and a Vim's img_size, depth, embed_dim
     copy_numel: int = 128 * 2 ** 20
 
 
 GPU_PLAN = Plan(
-    budgets={"correctness": 160, "scan_speed": 90, "throughput": 65, "overhead": 55, "run": 45},
+    budgets={"correctness": 150, "scan_speed": 80, "throughput": 55, "overhead": 45, "run": 40, "recipe": 45},
     scan_shapes={"small": (2, 10, 37, 4), "vim": (2, 384, 197, 16), "long": (1, 384, 2048, 16)},
     speed_configs={"vim-tiny": (8, 384, 197, 16), "vim-small": (8, 768, 197, 16), "long-2048": (2, 384, 2048, 16)},
     speed_repeat=5, img_size=224, batch=64, steps=10, warmup=2, collect=128,
-    overhead_model="vim_tiny_patch16_224", run_model="vim_tiny_patch16_224", run_data=(20, 5))
+    overhead_model="vim_tiny_patch16_224", run_model="vim_tiny_patch16_224", run_data=(20, 5),
+    recipe_model="defocus_mamba_large_patch16_192", recipe_images=40, recipe_device_batch=100)
 DRY_PLAN = Plan(
-    budgets={"correctness": 8, "scan_speed": 4, "throughput": 4, "overhead": 4, "run": 5},
+    budgets={"correctness": 8, "scan_speed": 4, "throughput": 4, "overhead": 4, "run": 5, "recipe": 5},
     scan_shapes={"small": (1, 4, 5, 2), "vim": (1, 6, 4, 4), "long": (1, 4, 9, 2)},
     speed_configs={"vim-tiny": (2, 8, 9, 4), "vim-small": (2, 16, 9, 4), "long-2048": (1, 8, 33, 4)},
     speed_repeat=1, img_size=32, batch=2, steps=1, warmup=1, collect=2,
-    overhead_model="test_vim", run_model="test_vim", run_data=(1, 1), sync_scan=(1, 4, 5, 2),
+    overhead_model="test_vim", run_model="test_vim", run_data=(1, 1), recipe_model="test_defocus_mamba",
+    recipe_images=1, recipe_device_batch=50, sync_scan=(1, 4, 5, 2),
     sync_model=(4, 1, 4), copy_numel=2 ** 20)
-PARTS = ("correctness", "scan_speed", "throughput", "overhead", "run")
+PARTS = ("correctness", "scan_speed", "throughput", "overhead", "run", "recipe")
 # What each part imports before its budget starts (forking imports them all once, in the parent). setuptools
 # comes before Avalanche: GPUtil, which Avalanche imports, needs distutils, on Python 3.12 only setuptools' shim.
 PART_MODULES = {"correctness": ("mambacl.kernels.triton_scan", "mambacl.backbones"), "scan_speed": ("scan_speed",),
                 "throughput": ("backbone_throughput",), "overhead": ("setuptools", "mambacl_overhead"),
-                "run": ("setuptools", "mambacl.experiments", "mambacl.benchmarks.fscil")}
+                "run": ("setuptools", "mambacl.experiments", "mambacl.benchmarks.fscil"),
+                "recipe": ("setuptools", "mambacl.experiments", "mambacl.benchmarks.fscil")}
 FAILED = ("FAILED", "crashed", "killed")  # part statuses that fail the check
 
 
@@ -469,8 +475,51 @@ def part_run(run: PartRun, plan: Plan, device: str, scan_impl: str) -> None:
              lambda: mambacl_run(plan, device, scan_impl))
 
 
+def recipe_first_experience(plan: Plan, device: str, scan_impl: str) -> Dict[str, Any]:
+    """Training of the first experience of mambacl-cifar100-10 at the recipe's width, batch 200 (in micro-batches
+    of ``plan.recipe_device_batch``), AutoAugment 192 px, x5 repeated data, on generated CIFAR-100 files, from
+    random init (no checkpoint here): images/s over the experience's training steps and peak GPU memory. The
+    boundary pass (covariances and their decomposition) is left out: the overhead part measures it."""
+    from mambacl.benchmarks.fscil import write_synthetic_cifar100
+    from mambacl.experiments import RunConfig
+    from mambacl.experiments.recipe import apply_recipe
+    from mambacl.experiments import runner
+    from mambacl.strategies.plugins import NullSpacePlugin
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_synthetic_cifar100(Path(tmp) / "cifar", num_classes=100, train_per_class=plan.recipe_images,
+                                 test_per_class=1)
+        config = RunConfig.from_dict(apply_recipe("mambacl-cifar100-10", {
+            "pretrained": None, "model": plan.recipe_model, "model_args": {"scan_impl": scan_impl},
+            "device": device, "autocast": "bf16", "progress": False, "epochs": 1,
+            "max_device_batch": plan.recipe_device_batch, "out": str(Path(tmp) / "run"),
+            "benchmark_args": {"root": str(Path(tmp) / "cifar"), "download": False}}))
+        original = NullSpacePlugin.after_training_exp
+        NullSpacePlugin.after_training_exp = lambda self, strategy, **kwargs: None  # train only
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            results = runner.run_benchmark(config, stop_after=1)
+        finally:
+            NullSpacePlugin.after_training_exp = original
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else float("nan")
+    row = results["experiences"][0]
+    images = 10 * plan.recipe_images * config.data_repeat * config.epochs
+    return {"model": plan.recipe_model, "images": images, "train_s": row["train_s"],
+            "img_s": images / row["train_s"], "peak_mib": peak, "batch": config.batch_size,
+            "device_batch": plan.recipe_device_batch,
+            "summary": f"{images} images in {row['train_s']:.1f} s: {images / row['train_s']:.1f} img/s, "
+                       f"peak {peak:.0f} MiB (batch {config.batch_size} in micro-batches of "
+                       f"{plan.recipe_device_batch}, bf16 autocast)"}
+
+
+def part_recipe(run: PartRun, plan: Plan, device: str, scan_impl: str) -> None:
+    run.item(f"mambacl-cifar100-10, first experience, {plan.recipe_model}, {device}",
+             lambda: recipe_first_experience(plan, device, scan_impl))
+
+
 PART_FNS = {"correctness": part_correctness, "scan_speed": part_scan_speed, "throughput": part_throughput,
-            "overhead": part_overhead, "run": part_run}
+            "overhead": part_overhead, "run": part_run, "recipe": part_recipe}
 
 
 # ---------------------------------------------------------------- the parent: plan, processes, summary
@@ -687,6 +736,15 @@ def record_payload(payload: Dict[str, Any], results: Path = RESULTS_MD) -> List[
     overhead = [i["record"] for i in _items(payload, "overhead") if "record" in i]
     if overhead:
         put("Mamba-CL overhead (benchmarks/mambacl_overhead.py)", mo.overhead_table(overhead, 5000), mo.NOTES)
+    recipe = [i for i in _items(payload, "recipe") if "img_s" in i]
+    if recipe:
+        header = ["recipe", "model", "global batch", "micro-batch", "images", "train s", "img/s", "peak MiB"]
+        rows = [["mambacl-cifar100-10 (first experience)", i["model"], i["batch"], i["device_batch"], i["images"],
+                 f"{i['train_s']:.1f}", f"{i['img_s']:.1f}", f"{i['peak_mib']:.0f}"] for i in recipe]
+        put("Recipe at full width (gpu_check.py recipe part)", markdown_table(header, rows),
+            "Training steps of the first experience under the recipe's settings (Adam + L2, heads x50, AutoAugment "
+            "192 px, data x5, bf16 autocast) on generated CIFAR-100 files from random init; the boundary pass is "
+            "left out (see the Mamba-CL overhead section).")
     return titles
 
 

@@ -84,7 +84,10 @@ def test_dry_run_runs_every_part_and_records_its_sections(tmp_path):
     titles = gpu_check.record_payload(payload, results)
     assert titles == ["GPU check (benchmarks/gpu_check.py)", "Selective-scan speed (scan_speed.py)",
                       "Backbone training throughput (benchmarks/backbone_throughput.py)",
-                      "Mamba-CL overhead (benchmarks/mambacl_overhead.py)"]
+                      "Mamba-CL overhead (benchmarks/mambacl_overhead.py)",
+                      "Recipe at full width (gpu_check.py recipe part)"]
+    recipe = payload["parts"]["recipe"]["items"][0]
+    assert recipe["images"] == 10 * 1 * 5 and recipe["batch"] == 200 and recipe["img_s"] > 0
     text = results.read_text()
     assert all(text.count(f"## {t}\n") == 1 for t in titles)
     assert "| selective_scan | vim | 1x6x4x4 | var/var | all | float32 | ok |" in text
