@@ -1,7 +1,8 @@
 """Vision Mamba backbones and sequence mixers on the ``mambacl.kernels`` scans.
 
 Importing this package registers the Vim family with timm (``vim_{tiny,small,base}_patch16_224``,
-``*_stride8``, ``longhorn_vim_*``, ``test_vim``, ``test_longhorn_vim``).
+``*_stride8``, ``longhorn_vim_*``, ``test_vim``, ``test_longhorn_vim``) and the packaged ``test_vim.glyphs``
+weights (:func:`pretrained_file`, ``weights/README.md``).
 
 Mixer interface (for new mixers, e.g. B'MOJO / GD-SSM):
     - ``MixerCls(d_model, *, d_state, expand, bidirectional, scan_impl)`` accepting at least those keywords;
@@ -33,10 +34,11 @@ from .gdssm import GDSSMLayer, GDSSMMixer
 from .bmojo import BMojoLayer, BMojoMixer
 from .seq_lm import SeqLM
 from .vim import VisionMamba, checkpoint_filter_fn, load_checkpoint
+from .pretrained import pretrained_file
 
 __all__ = [
     "Tap", "record_taps", "SSMBranch", "SSMMixer", "MambaBranch", "MambaMixer", "LonghornBranch", "LonghornMixer",
     "MIXERS", "register_mixer", "no_weight_decay_names", "ssm_param_groups",
-    "VisionMamba", "checkpoint_filter_fn", "load_checkpoint",
+    "VisionMamba", "checkpoint_filter_fn", "load_checkpoint", "pretrained_file",
     "GDSSMLayer", "GDSSMMixer", "BMojoLayer", "BMojoMixer", "SeqLM",
 ]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 import torch
+from safetensors.torch import load_file as load_safetensors
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, PatchEmbed, RmsNorm, resample_abs_pos_embed, trunc_normal_
@@ -25,6 +26,7 @@ from timm.models import adapt_input_conv, build_model_with_cfg, generate_default
 from timm.models._features import feature_take_indices  # not re-exported by timm.models
 
 from .mamba import MIXERS, SSMBranch, _check_positive_int, no_weight_decay_names
+from .pretrained import checked_file, packaged_path
 from . import longhorn  # noqa: F401  (registers the 'longhorn' mixer)
 
 __all__ = ["VisionMamba"]
@@ -172,6 +174,10 @@ class VisionMamba(nn.Module):
             trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
 
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """timm's ``custom_load`` hook (packaged cfgs): :func:`load_checkpoint`, checksum checked for packaged files."""
+        load_checkpoint(self, checked_file(checkpoint_path))
+
     def ssm_branches(self) -> List[Tuple[str, SSMBranch]]:
         """``(name, branch)`` for every SSM direction, in layer order."""
         return [(n, m) for n, m in self.named_modules() if isinstance(m, SSMBranch)]
@@ -291,8 +297,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: VisionMamba, strict:
 
     Unwraps ``{'model': ...}``, splits ``x_proj`` / ``x_proj_b`` into x_proj_dt/B/C, renames the ``*_b``
     backward tensors, adapts the stem to the model's in_chans, resamples ``pos_embed`` to the model's grid
-    and replaces a head of another size by the model's own. Raises ValueError listing missing/unexpected keys (unexpected keys are dropped and
-    missing ones kept at their init when ``strict=False``) and tensors whose shape cannot match.
+    and keeps the model's own head in place of a missing one or one of another size. Raises ValueError
+    listing missing/unexpected keys (unexpected keys are dropped and missing ones kept at their init when
+    ``strict=False``) and tensors whose shape cannot match.
     """
     if isinstance(state_dict.get("model"), dict):
         state_dict = state_dict["model"]
@@ -311,8 +318,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: VisionMamba, strict:
     for name in ("head.weight", "head.bias"):
         if name in out and (name not in own or out[name].shape != own[name].shape):
             del out[name]
-            if name in own:
-                out[name] = own[name]
+        if name in own and name not in out:  # another head size, or a head-less (backbone) checkpoint
+            out[name] = own[name]
 
     missing = sorted(set(own) - set(out))
     unexpected = sorted(set(out) - set(own))
@@ -329,10 +336,13 @@ def load_checkpoint(model: VisionMamba, path: Union[str, Path], strict: bool = T
     """Load an official Vim (or native) checkpoint file into ``model`` through :func:`checkpoint_filter_fn`.
 
     The file may hold the DeiT-style training dict (``model``, ``args`` Namespace, ...); only tensors are
-    unpickled (``weights_only``, with argparse.Namespace allowed).
+    unpickled (``weights_only``, with argparse.Namespace allowed). A ``.safetensors`` file holds a state dict.
     """
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    if str(path).endswith(".safetensors"):
+        state_dict = load_safetensors(str(path), device="cpu")
+    else:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state_dict, dict):
         raise TypeError(f"checkpoint {path} must hold a dict, got {type(state_dict).__name__}")
     model.load_state_dict(checkpoint_filter_fn(state_dict, model, strict=strict), strict=strict)
@@ -358,7 +368,13 @@ default_cfgs = generate_default_cfgs({
     "longhorn_vim_tiny_patch16_224": _cfg(paper_ids="arXiv:2407.14207"),
     "longhorn_vim_small_patch16_224": _cfg(paper_ids="arXiv:2407.14207"),
     "longhorn_vim_base_patch16_224": _cfg(paper_ids="arXiv:2407.14207"),
-    "test_vim": _cfg(**_CIFAR),
+    "test_vim.glyphs": _cfg(file=str(packaged_path("test_vim.glyphs")), custom_load=True, num_classes=0,
+                            input_size=(1, 8, 8), mean=(0.0,), std=(1.0,), crop_pct=1.0, license="mit",
+                            description="test_vim (8 px, patch 2) pretrained on procedural stroke glyphs, "
+                                        "see mambacl/backbones/weights/README.md"),
+    # timm makes the first tag with weights the default unless a later key ending in '*' claims it: test_vim
+    # stays the untagged, random-init cfg
+    "test_vim.*": _cfg(**_CIFAR),
     "test_longhorn_vim": _cfg(**_CIFAR),
 })
 
