@@ -2,8 +2,9 @@
 
 Importing this package registers the Vim family with timm (``vim_{tiny,small,base}_patch16_224``,
 ``*_stride8``, ``longhorn_vim_*``, ``test_vim``, ``test_longhorn_vim``) and De-focus Mamba, the backbone of
-Mamba-CL (``defocus_mamba_large_patch16_192``, ``test_defocus_mamba``). ``timm.create_model(name,
-pretrained_file=PATH)`` loads the official checkpoint layouts; every model loaded from a file carries
+Mamba-CL (``defocus_mamba_large_patch16_192``, ``test_defocus_mamba``), and the packaged ``test_vim.glyphs``
+weights (:func:`pretrained_file`, ``weights/README.md``). ``timm.create_model(name, pretrained_file=PATH)``
+loads the official checkpoint layouts; every model loaded from a file carries
 ``model.pretrained_source = str(PATH)``.
 
 Mixer interface (for new mixers, e.g. B'MOJO / GD-SSM):
@@ -40,10 +41,12 @@ from .seq_lm import SeqLM
 from .checkpoint import load_checkpoint
 from .vim import VisionMamba, checkpoint_filter_fn
 from .defocus import DefocusBranch, DefocusMamba, DefocusMixer
+from .pretrained import pretrained_file
 
 __all__ = [
     "Tap", "record_taps", "SSMBranch", "SSMMixer", "MambaBranch", "MambaMixer", "LonghornBranch", "LonghornMixer",
     "MIXERS", "register_mixer", "no_weight_decay_names", "ssm_param_groups",
-    "VisionMamba", "checkpoint_filter_fn", "load_checkpoint", "DefocusBranch", "DefocusMixer", "DefocusMamba",
+    "VisionMamba", "checkpoint_filter_fn", "load_checkpoint", "pretrained_file", "DefocusBranch", "DefocusMixer",
+    "DefocusMamba",
     "GDSSMLayer", "GDSSMMixer", "BMojoLayer", "BMojoMixer", "SeqLM",
 ]

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Type, Union
 
 import torch
+from safetensors.torch import load_file as load_safetensors
 from torch import nn
 from timm.layers import resample_abs_pos_embed
 from timm.models import adapt_input_conv, build_model_with_cfg
@@ -39,7 +40,8 @@ _FILTERS: Dict[type, FilterFn] = {}
 
 
 def read_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
-    """Read a local checkpoint file as a dict, unpickling only tensors and plain containers.
+    """Read a local checkpoint file as a dict, unpickling only tensors and plain containers (``.safetensors``
+    files hold a state dict).
 
     Args:
         path: the file (``pretrained_file``).
@@ -52,6 +54,8 @@ def read_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained_file {str(path)!r} does not exist or is not a file")
+    if path.suffix == ".safetensors":
+        return load_safetensors(str(path), device="cpu")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -117,10 +121,11 @@ def _resample_pos_embed(posemb: torch.Tensor, model: nn.Module) -> torch.Tensor:
 
 
 def _fit_head(out: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor]) -> None:
-    """Replace the checkpoint's ``head.*`` entries by the model's own when their names or shapes differ."""
+    """Replace the checkpoint's ``head.*`` entries by the model's own when their names or shapes differ, and keep
+    the model's own head for a head-less (backbone) checkpoint."""
     theirs = {k: tuple(v.shape) for k, v in out.items() if k.split(".")[0] == "head"}
     ours = {k: tuple(v.shape) for k, v in own.items() if k.split(".")[0] == "head"}
-    if theirs and theirs != ours:
+    if theirs != ours:
         for k in theirs:
             del out[k]
         out.update({k: own[k] for k in ours})

@@ -21,8 +21,10 @@ from timm.layers import DropPath, LayerNorm, PatchEmbed, RmsNorm, to_2tuple, tru
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices  # not re-exported by timm.models
 
-from .checkpoint import build_with_checkpoint, filter_state_dict, register_checkpoint_filter, split_x_proj
+from .checkpoint import (build_with_checkpoint, filter_state_dict, load_checkpoint, register_checkpoint_filter,
+                         split_x_proj)
 from .mamba import MIXERS, SSMBranch, _check_positive_int, no_weight_decay_names
+from .pretrained import checked_file, packaged_path
 from . import longhorn  # noqa: F401  (registers the 'longhorn' mixer)
 
 __all__ = ["VisionMamba"]
@@ -193,6 +195,10 @@ class VisionMamba(nn.Module):
             trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
 
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """timm's ``custom_load`` hook (packaged cfgs): :func:`load_checkpoint`, checksum checked for packaged files."""
+        load_checkpoint(self, checked_file(checkpoint_path))
+
     def ssm_branches(self) -> List[Tuple[str, SSMBranch]]:
         """``(name, branch)`` for every SSM direction, in layer order."""
         return [(n, m) for n, m in self.named_modules() if isinstance(m, SSMBranch)]
@@ -325,7 +331,13 @@ default_cfgs = generate_default_cfgs({
     "longhorn_vim_tiny_patch16_224": _cfg(paper_ids="arXiv:2407.14207"),
     "longhorn_vim_small_patch16_224": _cfg(paper_ids="arXiv:2407.14207"),
     "longhorn_vim_base_patch16_224": _cfg(paper_ids="arXiv:2407.14207"),
-    "test_vim": _cfg(**_CIFAR),
+    "test_vim.glyphs": _cfg(file=str(packaged_path("test_vim.glyphs")), custom_load=True, num_classes=0,
+                            input_size=(1, 8, 8), mean=(0.0,), std=(1.0,), crop_pct=1.0, license="mit",
+                            description="test_vim (8 px, patch 2) pretrained on procedural stroke glyphs, "
+                                        "see mambacl/backbones/weights/README.md"),
+    # timm makes the first tag with weights the default unless a later key ending in '*' claims it: test_vim
+    # stays the untagged, random-init cfg
+    "test_vim.*": _cfg(**_CIFAR),
     "test_longhorn_vim": _cfg(**_CIFAR),
 })
 
