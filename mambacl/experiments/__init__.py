@@ -2,6 +2,10 @@
 
 Sits above the benchmarks (scenario builders) and the strategies; nothing below imports it.
 """
+import warnings
+
+# Avalanche imports qpsolvers for one optional strategy; its "no QP solver" notice is not about this run
+warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning)
 from mambacl.experiments.config import RunConfig
 from mambacl.experiments.runner import build_backbone, make_evaluator, run_benchmark
 from mambacl.experiments.compare import compare, compare_table

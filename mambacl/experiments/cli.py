@@ -32,6 +32,7 @@ __all__ = ["main", "build_parser"]
 
 DEFAULT_STRATEGIES = ("mambacl", "naive")
 DEFAULT_OUT = "mambacl_runs/default"
+DEFAULT_PRETRAINED = "test_vim.glyphs"  # the packaged backbone every strategy of the default starts from
 # option dest -> RunConfig field, for the options shared by run and compare
 _SHARED = ("benchmark", "model", "pretrained", "epochs", "lr", "weight_decay", "batch_size", "eval_batch_size",
            "device", "out", "tensorboard", "autocast", "num_workers", "max_device_batch")
@@ -64,7 +65,8 @@ def _add_shared(p: argparse.ArgumentParser) -> None:
     p.add_argument("--benchmark-arg", action="append", metavar="KEY=VALUE", help="benchmark argument (repeatable)")
     p.add_argument("--model", help="timm model name (default: the benchmark's)")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="timm.create_model kwarg (repeatable)")
-    p.add_argument("--pretrained", metavar="FILE", help="local backbone checkpoint ('none': from scratch)")
+    p.add_argument("--pretrained", metavar="FILE", help="backbone checkpoint: a local file or a packaged name such as "
+                   "test_vim.glyphs ('none': from scratch)")
     p.add_argument("--epochs", type=int, help="training epochs per experience")
     p.add_argument("--lr", type=float, help="learning rate")
     p.add_argument("--weight-decay", type=float)
@@ -92,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mambacl", description="Continual learning with Vision Mamba backbones. "
                                      "Without a command: Mamba-CL vs naive on split digits.")
     _add_folder_options(parser, "default comparison")
+    parser.add_argument("--pretrained", metavar="FILE", help=f"starting backbone of the default comparison (default "
+                        f"the packaged {DEFAULT_PRETRAINED}; 'none': from scratch)")
     _add_console(parser)
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="train one strategy on one benchmark")
@@ -102,10 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_folder_options(run, "run")
     cmp = sub.add_parser("compare", help="run several strategies with the same seeds and write one table")
     _add_shared(cmp)
-    cmp.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES), help="comma-separated strategy names")
+    cmp.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
+                     help="comma-separated strategy names; NAME@VARIANT runs NAME again with its own --strategy-arg")
     cmp.add_argument("--seeds", default="0", help="comma-separated seeds")
     cmp.add_argument("--strategy-arg", action="append", metavar="NAME.KEY=VALUE",
-                     help="hyper-parameter of one strategy, e.g. ewc.ewc_lambda=10")
+                     help="hyper-parameter of one strategy, e.g. ewc.ewc_lambda=10 or mambacl@proto.head=prototype")
     _add_folder_options(cmp, "comparison")
     sub.add_parser("list", help="show benchmarks, strategies (with hyper-parameters) and models")
     return parser
@@ -170,7 +175,7 @@ def _list() -> None:
 def _per_strategy_args(items: Optional[List[str]]) -> Dict[str, Dict[str, Any]]:
     nested: Dict[str, Dict[str, Any]] = {}
     for key, value in _key_values(items, "--strategy-arg").items():
-        name, sep, hparam = key.partition(".")
+        name, sep, hparam = key.rpartition(".")
         if not sep:
             raise ValueError(f"compare's --strategy-arg expects NAME.KEY=VALUE, got {key!r}")
         nested.setdefault(name, {})[hparam] = value
@@ -239,7 +244,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command is None:
-            given = {"out": DEFAULT_OUT, "progress": not args.quiet, "verbose": args.verbose}
+            pretrained = None if args.pretrained == "none" else args.pretrained or DEFAULT_PRETRAINED
+            print(f"split digits, {' vs '.join(DEFAULT_STRATEGIES)}; every strategy starts from " + (
+                f"the packaged {pretrained} backbone (test_vim pretrained on procedural glyphs, disjoint from the "
+                "digits; --pretrained none starts from scratch)" if pretrained == DEFAULT_PRETRAINED else
+                f"{pretrained}" if pretrained else "a random initialisation (--pretrained none)"), flush=True)
+            given = {"out": DEFAULT_OUT, "progress": not args.quiet, "verbose": args.verbose, "pretrained": pretrained}
             _compare(args, DEFAULT_STRATEGIES, [0], given)
         elif args.command == "list":
             _list()

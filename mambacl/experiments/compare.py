@@ -24,16 +24,17 @@ _LABELS = {"acc_sample_weighted": "final acc (class-incr.)", "within_task_acc": 
            "forgetting": "forgetting", "bwt": "BWT"}
 
 
-
 def compare(config: RunConfig, strategies: Sequence[str], seeds: Sequence[int],
             strategy_args: Optional[Dict[str, Dict[str, Any]]] = None, resume: bool = False,
             overwrite: bool = False) -> Dict[str, Any]:
-    """Run each strategy with each seed on ``config.benchmark`` (runs in ``<out>/<strategy>/seed<s>``).
+    """Run each strategy with each seed on ``config.benchmark`` (runs in ``<out>/<label>/seed<s>``).
 
     Args:
         config: shared settings (its ``strategy``, ``strategy_args`` and ``seed`` are replaced per run).
-        strategies: registered strategy names. seeds: seeds, the same for every strategy.
-        strategy_args: optional per-strategy hyper-parameters, ``{name: {hparam: value}}``.
+        strategies: labels ``name`` or ``name@variant`` of registered strategies; a variant is the same strategy
+            with its own hyper-parameters (e.g. ``mambacl@prototype`` with ``{"mambacl@prototype": {"head":
+            "prototype"}}``). seeds: seeds, the same for every strategy.
+        strategy_args: optional hyper-parameters per label, ``{label: {hparam: value}}``.
         resume: continue the comparison in ``config.out``: finished runs are read back, interrupted ones
             resumed (each must have been started with the same settings), missing ones run.
         overwrite: replace a comparison already in ``config.out``. Without either flag a folder holding a
@@ -47,22 +48,26 @@ def compare(config: RunConfig, strategies: Sequence[str], seeds: Sequence[int],
         raise ValueError("compare needs at least one strategy and one seed")
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: continue the comparison, or replace it")
-    for name in strategies:
-        get_strategy(name)
+    if len(set(strategies)) != len(strategies):
+        raise ValueError(f"strategies must be distinct labels, got {list(strategies)}")
+    for label in strategies:
+        get_strategy(label.partition("@")[0])
     unknown = sorted(set(strategy_args or {}) - set(strategies))
     if unknown:
         raise ValueError(f"--strategy-arg names strategies {unknown} that are not compared ({list(strategies)})")
     out = Path(config.out)
-    plan = [dataclasses.replace(config, strategy=name, seed=int(seed), strategy_args=(strategy_args or {}).get(name, {}),
-                                out=str(out / name / f"seed{seed}")) for name in strategies for seed in seeds]
+    plan = [(label, dataclasses.replace(config, strategy=label.partition("@")[0], seed=int(seed),
+                                        strategy_args=(strategy_args or {}).get(label, {}),
+                                        out=str(out / label / f"seed{seed}")))
+            for label in strategies for seed in seeds]
     mode = "resume" if resume else "overwrite" if overwrite else "new"
     if is_main_process():
-        prepare_run_folder(out, mode, what="comparison", runs=[Path(run.out) for run in plan])
+        prepare_run_folder(out, mode, what="comparison", runs=[Path(run.out) for _, run in plan])
     barrier()
     runs: Dict[str, List[Dict[str, Any]]] = {}
-    for run in plan:
+    for label, run in plan:
         result = run_benchmark(run, resume=resume and latest_manifest(run.out) is not None)
-        runs.setdefault(run.strategy, []).append({**result["final"], "time_s": result["timings"]["train_s"]})
+        runs.setdefault(label, []).append({**result["final"], "time_s": result["timings"]["train_s"]})
     summary = {name: {m: (float(np.mean([r[m] for r in rs])), float(np.std([r[m] for r in rs])))
                       for m in (*FINAL_METRICS, "time_s")} for name, rs in runs.items()}
     comparison = {"benchmark": config.benchmark, "seeds": [int(s) for s in seeds], "runs": runs, "summary": summary}

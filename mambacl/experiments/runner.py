@@ -28,6 +28,7 @@ from torch import nn
 from torch.optim.lr_scheduler import MultiStepLR
 
 import mambacl
+from mambacl.backbones.pretrained import PACKAGED_WEIGHTS, pretrained_file
 from mambacl.benchmarks.registry import create_benchmark, get_benchmark
 from mambacl.experiments.checkpoint import CheckpointError, load_latest_checkpoint, save_checkpoint
 from mambacl.experiments.config import RunConfig
@@ -43,7 +44,7 @@ from mambacl.strategies.plugins import DistributedPlugin, FiniteLossPlugin, Null
 from mambacl.strategies.registry import TrainSetup, create_strategy, get_strategy
 
 __all__ = ["RunInterrupted", "build_backbone", "diagnostic_metrics", "history_metrics", "make_evaluator",
-           "resolve_device", "run_benchmark"]
+           "resolve_device", "resolve_pretrained", "run_benchmark"]
 
 _STREAM = "eval_phase/test_stream"
 
@@ -90,9 +91,10 @@ def build_backbone(config: RunConfig, input_shape: Sequence[int]) -> nn.Module:
     """Create the timm backbone (no classifier) for inputs of shape ``[C, H, W]``.
 
     The benchmark's default model and model kwargs apply when ``config.model`` is None; ``img_size`` and
-    ``in_chans`` come from the data unless ``model_args`` sets them. ``config.pretrained`` is loaded by mambacl's
-    own loaders (official Vim / De-focus Mamba layouts) or, for other timm models, by timm from the local file;
-    the backbone records it as ``pretrained_source``.
+    ``in_chans`` come from the data unless ``model_args`` sets them. ``config.pretrained`` (a local file or a
+    packaged checkpoint's name, see :func:`resolve_pretrained`) is loaded by mambacl's own loaders (official Vim /
+    De-focus Mamba layouts) or, for other timm models, by timm from the local file; the backbone records it as
+    ``pretrained_source``.
     """
     spec = get_benchmark(config.benchmark)
     name = config.model or spec.default_model
@@ -101,13 +103,12 @@ def build_backbone(config: RunConfig, input_shape: Sequence[int]) -> nn.Module:
     kwargs = {"img_size": int(input_shape[-1]), "in_chans": int(input_shape[0])}
     kwargs.update(spec.default_model_args if config.model is None else {})
     kwargs.update(config.model_args)
-    if config.pretrained is not None:
-        if not Path(config.pretrained).is_file():
-            raise FileNotFoundError(f"pretrained file {config.pretrained} does not exist")
+    pretrained = resolve_pretrained(config.pretrained)
+    if pretrained is not None:
         if timm.models.model_entrypoint(name).__module__.startswith("mambacl."):
-            kwargs["pretrained_file"] = config.pretrained
+            kwargs["pretrained_file"] = pretrained
         else:
-            kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": config.pretrained})
+            kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": pretrained})
     try:
         backbone = timm.create_model(name, num_classes=0, **kwargs)
     except TypeError as error:
@@ -115,9 +116,22 @@ def build_backbone(config: RunConfig, input_shape: Sequence[int]) -> nn.Module:
             raise
         kwargs.pop("img_size")  # CNNs (e.g. timm's resnet18) take any input size and have no img_size argument
         backbone = timm.create_model(name, num_classes=0, **kwargs)
-    if config.pretrained is not None:
+    if pretrained is not None:
         backbone.pretrained_source = config.pretrained
     return backbone
+
+
+def resolve_pretrained(pretrained: Optional[str]) -> Optional[str]:
+    """The checkpoint file of ``pretrained``: a local file, or the name of a packaged checkpoint (e.g.
+    'test_vim.glyphs', checksum checked); None stays None (from scratch)."""
+    if pretrained is None:
+        return None
+    if Path(pretrained).is_file():
+        return pretrained
+    if pretrained in PACKAGED_WEIGHTS:
+        return str(pretrained_file(pretrained))
+    raise FileNotFoundError(f"pretrained file {pretrained} does not exist (and it names none of the packaged "
+                            f"checkpoints {sorted(PACKAGED_WEIGHTS)})")
 
 
 def history_metrics() -> List[Any]:

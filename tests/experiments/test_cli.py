@@ -169,3 +169,14 @@ def test_compare_table_shows_the_spread_only_over_several_seeds():
     one = compare_table({"seeds": [0], "summary": {"naive": {m: (0.5, 0.0) for m in stats}}})
     assert two.splitlines()[2].count("0.5000 ± 0.2500") == len(FINAL_METRICS)
     assert one.splitlines()[2] == "| naive | " + " | ".join(["0.5000"] * len(FINAL_METRICS)) + " | 0.5 |"
+
+
+def test_compare_runs_variants_of_one_strategy_side_by_side(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--strategies", "lwf,lwf@strong", "--strategy-arg", "lwf@strong.alpha=4",
+                 "--out", str(out), *TINY]) == 0
+    plain = json.loads((out / "lwf" / "seed0" / "results.json").read_text())["config"]
+    strong = json.loads((out / "lwf@strong" / "seed0" / "results.json").read_text())["config"]
+    assert plain["strategy"] == strong["strategy"] == "lwf"
+    assert plain["strategy_args"] == {} and strong["strategy_args"] == {"alpha": 4}
+    assert "| lwf@strong |" in capsys.readouterr().out
