@@ -156,8 +156,9 @@ def test_errors_name_the_problem(tmp_path, capsys):
 def test_list_shows_benchmarks_strategies_and_models(capsys):
     assert main(["list"]) == 0
     text = capsys.readouterr().out
-    for name in ("split_digits", "split_cifar100", "imagenet_r", "mambacl", "adam-nscl", "joint",
-                 "ewc_lambda=100.0", "vim_tiny_patch16_224", "test_vim"):
+    for name in ("split_digits", "split_cifar100", "imagenet_r", "domainnet", "mambacl", "adam-nscl", "joint", "simplecil",
+                 "ranpac", "ewc_lambda=100.0", "vim_tiny_patch16_224", "test_vim", "defocus_mamba_large_patch16_192",
+                 "mambacl-cifar100-10@1", "mamba-fscil-cub200@1"):
         assert name in text, name
 
 
