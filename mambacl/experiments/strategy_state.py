@@ -157,9 +157,9 @@ def _plugin_state(plugin: Any) -> Any:
                 "prev_classes_by_task": {int(t): sorted(int(c) for c in cs)
                                          for t, cs in plugin.lwf.prev_classes_by_task.items()}}
     if isinstance(plugin, LRSchedulerPlugin):
-        scheduler = plugin.scheduler
+        scheduler = plugin.scheduler  # the optimizer's current rates: reset to the base ones after an experience
         return {"last_epoch": scheduler.last_epoch, "base_lrs": list(scheduler.base_lrs),
-                "last_lr": list(scheduler.get_last_lr())}
+                "lrs": [group["lr"] for group in scheduler.optimizer.param_groups]}
     if isinstance(plugin, ReplayPlugin):
         if not hasattr(plugin.storage_policy, "state_dict"):
             raise TypeError(f"ReplayPlugin's storage policy {type(plugin.storage_policy).__name__} holds datasets a "
@@ -186,8 +186,8 @@ def _restore_plugin(plugin: Any, saved: Any, strategy: SupervisedTemplate, finis
     elif isinstance(plugin, LRSchedulerPlugin):
         scheduler = plugin.scheduler
         scheduler.last_epoch, scheduler.base_lrs, scheduler._last_lr = (saved["last_epoch"], list(saved["base_lrs"]),
-                                                                         list(saved["last_lr"]))
-        for group, lr in zip(strategy.optimizer.param_groups, saved["last_lr"]):
+                                                                         list(saved["lrs"]))
+        for group, lr in zip(scheduler.optimizer.param_groups, saved["lrs"]):
             group["lr"] = lr
     elif isinstance(plugin, ReplayPlugin):
         plugin.storage_policy.load_state_dict(saved["storage"], [exp.dataset for exp in finished])
