@@ -87,7 +87,8 @@ def main() -> None:
     notes += _target_notes(summary)
     write_outputs("cl_accuracy", {"config": config.to_dict(), "strategy_args": STRATEGY_ARGS,
                                   "comparison": comparison}, table,
-                  "Class-incremental accuracy on split digits (mambacl compare)", notes, record=not args.no_append)
+                  f"Class-incremental accuracy on split digits (mambacl compare, from "
+                  f"{config.pretrained or 'random init'})", notes, record=not args.no_append)
 
 
 def _target_notes(summary: dict) -> str:
