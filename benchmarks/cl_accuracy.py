@@ -85,7 +85,8 @@ def main() -> None:
              f"({100 * mem / train_size:.1f}% of the training set); RanPAC uses M = 1000 random features; "
              f"mambacl@prototype is mambacl with head='prototype'. Wall time {wall / 60:.1f} min.")
     notes += _target_notes(summary)
-    write_outputs("cl_accuracy", {"config": config.to_dict(), "strategy_args": STRATEGY_ARGS,
+    write_outputs("cl_accuracy" if config.pretrained else "cl_accuracy_scratch",
+                  {"config": config.to_dict(), "strategy_args": STRATEGY_ARGS,
                                   "comparison": comparison}, table,
                   f"Class-incremental accuracy on split digits (mambacl compare, from "
                   f"{config.pretrained or 'random init'})", notes, record=not args.no_append)
