@@ -154,12 +154,15 @@ def test_imagenet_r_seeded_split_is_written_once_and_tarball_is_extracted(tmp_pa
 
 
 def test_accuracy_matrix_and_summary_by_hand():
-    rows = [{"acc_per_exp": [0.9], "acc_stream": 0.9, "acc_task_mean": 0.9, "forgetting": 0.0, "bwt": 0.0},
-            {"acc_per_exp": [0.5, 0.8], "acc_stream": 0.6, "acc_task_mean": 0.65, "forgetting": 0.4, "bwt": -0.4}]
+    rows = [{"acc_per_exp": [0.9], "acc_stream": 0.9, "acc_task_mean": 0.9, "forgetting": 0.0, "bwt": 0.0,
+             "within_task_acc": 0.9, "ncm_acc": 0.7},
+            {"acc_per_exp": [0.5, 0.8], "acc_stream": 0.6, "acc_task_mean": 0.65, "forgetting": 0.4, "bwt": -0.4,
+             "within_task_acc": 0.85, "ncm_acc": 0.75}]
     assert accuracy_matrix(rows, 3) == [[0.9, None, None], [0.5, 0.8, None]]
     final = summarize(rows)
     assert final["avg_incremental_acc"] == pytest.approx(0.75) and final["acc_sample_weighted"] == 0.6
     assert final["forgetting"] == 0.4 and final["acc_task_mean"] == 0.65
+    assert final["within_task_acc"] == 0.85 and final["ncm_acc"] == 0.75
 
 
 def _authors_task_classes(class_list, num_tasks, seed):
