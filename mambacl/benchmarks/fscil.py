@@ -232,6 +232,18 @@ def write_synthetic_cifar100(root: PathLike, num_classes: int, train_per_class: 
     return folder
 
 
+def _as_spec(spec: Union[FSCILSpec, Dict[str, int]]) -> FSCILSpec:
+    """``spec`` as an FSCILSpec; a mapping of its fields (e.g. ``--benchmark-arg spec={...}``) is accepted."""
+    if isinstance(spec, FSCILSpec):
+        return spec
+    if not isinstance(spec, dict):
+        raise TypeError(f"spec must be an FSCILSpec or a mapping of its fields, got {type(spec).__name__}")
+    try:
+        return FSCILSpec(**spec)
+    except TypeError as err:
+        raise TypeError(f"spec must map the FSCILSpec fields num_classes, num_base, n_way, n_shot: {err}") from None
+
+
 def _row_indices(entries: Sequence[str], num_rows: int) -> List[int]:
     try:
         rows = [int(e) for e in entries]
@@ -260,7 +272,7 @@ def fscil_cifar100(root: PathLike = "~/.cache/mambacl/cifar100", index_dir: Opti
         max_per_class: keep at most this many images per class in every session and in the test set (the
             first ones; toy-size runs), see :func:`fscil_benchmark`.
     """
-    spec = spec if isinstance(spec, FSCILSpec) else FSCILSpec(**spec)
+    spec = _as_spec(spec)
     root = Path(root).expanduser()
     require_dir(root / "cifar-100-python", "CIFAR-100 python folder",
                 f"extract {CIFAR100Files.url} into {root} (nothing is downloaded)")
@@ -275,17 +287,16 @@ def fscil_cifar100(root: PathLike = "~/.cache/mambacl/cifar100", index_dir: Opti
                            max_per_class)
 
 
-def _path_benchmark(dataset: str, root: Path, train_files: List[Tuple[str, int]], test_files: List[Tuple[str, int]],
+def _path_benchmark(root: Path, train_files: List[Tuple[str, int]], test_files: List[Tuple[str, int]],
                     index_dir: Optional[PathLike], seed: int, transforms: Tuple[Callable, Callable],
-                    max_per_class: Optional[int]):
-    spec = FSCIL_SPECS[dataset]
+                    max_per_class: Optional[int], spec: FSCILSpec):
     train_set, test_set = ImageFiles(root, train_files), ImageFiles(root, test_files)
     if index_dir is None:
         sessions = sample_sessions(train_set.targets, spec, seed)
     else:
         position = {path: i for i, (path, _) in enumerate(train_files)}
         try:
-            sessions = [[position[e] for e in s] for s in cec_sessions(dataset, index_dir)]
+            sessions = [[position[e] for e in s] for s in read_index_list(index_dir, spec.num_sessions)]
         except KeyError as err:
             raise FileNotFoundError(f"index-list image {err.args[0]} is not among the training images") from None
     return fscil_benchmark(train_set, test_set, sessions, spec, *transforms, max_per_class)
@@ -294,13 +305,16 @@ def _path_benchmark(dataset: str, root: Path, train_files: List[Tuple[str, int]]
 @register_benchmark("fscil_mini_imagenet", default_model="resnet12")
 def fscil_mini_imagenet(root: PathLike = "~/.cache/mambacl/mini_imagenet", index_dir: Optional[PathLike] = None,
                         seed: int = 0, train_transform: Optional[Callable] = None,
-                        eval_transform: Optional[Callable] = None, max_per_class: Optional[int] = None):
+                        eval_transform: Optional[Callable] = None,
+                        spec: Union[FSCILSpec, Dict[str, int]] = FSCIL_SPECS["mini_imagenet"],
+                        max_per_class: Optional[int] = None):
     """FSCIL miniImageNet: 60 base classes + 8 sessions of 5-way 5-shot (classes in sorted-wnid order).
 
     Args:
         root: folder holding ``MINI-ImageNet/train/<wnid>/*.jpg`` and ``MINI-ImageNet/test/<wnid>/*.jpg``
             (the CEC list paths are relative to it).
-        index_dir, seed, train_transform, eval_transform, max_per_class: as in :func:`fscil_cifar100` (84 px).
+        index_dir, seed, train_transform, eval_transform, spec, max_per_class: as in :func:`fscil_cifar100`
+            (84 px).
     """
     root = Path(root).expanduser()
     base = require_dir(root / "MINI-ImageNet", "miniImageNet folder")
@@ -312,19 +326,20 @@ def fscil_mini_imagenet(root: PathLike = "~/.cache/mambacl/mini_imagenet", index
                 for w in wnids for p in sorted((folder / w).glob("*.jpg"))]
 
     tr, te = fscil_transforms("mini_imagenet")
-    return _path_benchmark("mini_imagenet", Path(root), files("train"), files("test"), index_dir, seed,
-                           (train_transform or tr, eval_transform or te), max_per_class)
+    return _path_benchmark(Path(root), files("train"), files("test"), index_dir, seed,
+                           (train_transform or tr, eval_transform or te), max_per_class, _as_spec(spec))
 
 
 @register_benchmark("fscil_cub200", default_model="resnet18")
 def fscil_cub200(root: PathLike = "~/.cache/mambacl/cub200", index_dir: Optional[PathLike] = None, seed: int = 0,
                  train_transform: Optional[Callable] = None, eval_transform: Optional[Callable] = None,
-                 max_per_class: Optional[int] = None):
+                 spec: Union[FSCILSpec, Dict[str, int]] = FSCIL_SPECS["cub200"], max_per_class: Optional[int] = None):
     """FSCIL CUB-200: 100 base classes + 10 sessions of 10-way 5-shot (label = folder prefix NNN - 1).
 
     Args:
         root: folder holding ``CUB_200_2011/`` with ``images/``, ``images.txt`` and ``train_test_split.txt``.
-        index_dir, seed, train_transform, eval_transform, max_per_class: as in :func:`fscil_cifar100` (224 px).
+        index_dir, seed, train_transform, eval_transform, spec, max_per_class: as in :func:`fscil_cifar100`
+            (224 px).
     """
     root = Path(root).expanduser()
     base = require_dir(root / "CUB_200_2011", "CUB_200_2011 folder")
@@ -338,5 +353,5 @@ def fscil_cub200(root: PathLike = "~/.cache/mambacl/cub200", index_dir: Optional
         entry = f"CUB_200_2011/images/{rel}"
         files[split[image_id]].append((entry, label_from_list_entry("cub200", entry)))
     tr, te = fscil_transforms("cub200")
-    return _path_benchmark("cub200", Path(root), files["1"], files["0"], index_dir, seed,
-                           (train_transform or tr, eval_transform or te), max_per_class)
+    return _path_benchmark(Path(root), files["1"], files["0"], index_dir, seed,
+                           (train_transform or tr, eval_transform or te), max_per_class, _as_spec(spec))

@@ -1,16 +1,19 @@
 """DomainNet (Mamba-CL's 200-class subset): the packaged split lists and the builder on a generated folder."""
 import gzip
 import hashlib
+import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from mambacl.benchmarks import create_benchmark, domainnet
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from data_layouts import write_domainnet  # noqa: E402
 
 SPLITS = Path(__file__).resolve().parents[2] / "mambacl" / "benchmarks" / "splits" / "domainnet"
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "domainnet"
@@ -44,28 +47,11 @@ def test_packaged_lists_domains_and_disjointness():
     assert not {line.split(" ")[0] for line in train} & {line.split(" ")[0] for line in val}
 
 
-def _first_per_class(lines):
-    chosen = {}
-    for line in lines:
-        rel, label = line.split(" ")
-        chosen.setdefault(int(label), rel)
-    return chosen
-
-
-def _write_tree(root: Path, entries) -> None:
-    """One 4x4 image per entry, every pixel equal to the label (PNG for quickdraw, JPEG otherwise, as listed)."""
-    for label, rel in entries:
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.full((4, 4, 3), label, dtype=np.uint8)).save(path)
-
-
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
     """A DomainNet folder in the distributed layout with the first listed train and val image of every class."""
     root = tmp_path_factory.mktemp("domainnet")
-    train, val = _first_per_class(_lines("sdomain_train.txt.gz")), _first_per_class(_lines("sdomain_val.txt.gz"))
-    _write_tree(root, list(train.items()) + list(val.items()))
+    train, val = write_domainnet(root)
     return root, train, val
 
 

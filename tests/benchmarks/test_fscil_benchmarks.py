@@ -1,6 +1,7 @@
 """FSCIL scenarios: the real CEC index lists, the seeded sampler, and Avalanche streams on generated CIFAR data."""
 import dataclasses
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,9 @@ from mambacl.benchmarks.fscil import (
     sample_sessions,
     write_synthetic_cifar100,
 )
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from data_layouts import write_cec_lists, write_cub200, write_mini_imagenet  # noqa: E402
 
 LISTS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "fscil"
 needs_lists = pytest.mark.skipif(not LISTS.is_dir(), reason=f"CEC index lists not found at {LISTS}")
@@ -202,32 +206,15 @@ def test_fscil_default_transforms_are_the_configs(dataset, size, scale, mode, ji
         fscil_transforms("cifar10")
 
 
-def _write_jpg(path: Path, value: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((8, 8, 3), value, dtype=np.uint8)).save(path)
+def _as_tensor(img):
+    return torch.as_tensor(np.array(img)).permute(2, 0, 1)
 
 
 def test_cub200_from_generated_folder_and_lists(tmp_path):
-    base = tmp_path / "CUB_200_2011"
-    lines, split, lists = [], [], [[] for _ in range(11)]
-    image_id = 0
-    for c in range(200):
-        folder = f"{c + 1:03d}.Bird_{c}"
-        for k in range(2 if c < 100 else 6):
-            image_id += 1
-            rel = f"{folder}/img_{k}.jpg"
-            _write_jpg(base / "images" / rel, c)
-            lines.append(f"{image_id} {rel}")
-            is_train = k < (1 if c < 100 else 5)
-            split.append(f"{image_id} {int(is_train)}")
-            if is_train:
-                lists[0 if c < 100 else 1 + (c - 100) // 10].append(f"CUB_200_2011/images/{rel}")
-    (base / "images.txt").write_text("\n".join(lines))
-    (base / "train_test_split.txt").write_text("\n".join(split))
-    for t, entries in enumerate(lists, start=1):
-        (tmp_path / f"session_{t}.txt").write_text("\n".join(entries))
-    tr = te = lambda img: torch.as_tensor(np.array(img)).permute(2, 0, 1)
-    bench = fscil_cub200(tmp_path, index_dir=tmp_path, train_transform=tr, eval_transform=te)
+    # base classes: 1 training + 1 test image; novel classes: 5 training (the shots) + 1 test
+    train = write_cub200(tmp_path, train_per_class=[1] * 100 + [5] * 100, test_per_class=1)
+    write_cec_lists(tmp_path, train, FSCIL_SPECS["cub200"])
+    bench = fscil_cub200(tmp_path, index_dir=tmp_path, train_transform=_as_tensor, eval_transform=_as_tensor)
     train, test = list(bench.train_stream), list(bench.test_stream)
     assert [len(e.dataset) for e in train] == [100] + [50] * 10
     assert _labels(train[3].dataset) == sorted(list(range(120, 130)) * 5)
@@ -235,6 +222,27 @@ def test_cub200_from_generated_folder_and_lists(tmp_path):
     x, y, *_ = train[3].dataset[0]
     assert abs(int(x[0, 0, 0]) - int(y)) <= 1  # the (JPEG-coded) pixel value written is the class id
 
+
+@pytest.mark.parametrize("builder,write", [
+    (fscil_mini_imagenet, lambda root: write_mini_imagenet(root, num_classes=8, train_per_class=3, test_per_class=2)),
+    (fscil_cub200, lambda root: write_cub200(root, train_per_class=[3] * 8, test_per_class=2)),
+], ids=["mini_imagenet", "cub200"])
+def test_path_builders_take_a_smaller_spec(builder, write, tmp_path):
+    write_cec_lists(tmp_path / "index", write(tmp_path), SMALL)
+    bench = builder(tmp_path, index_dir=tmp_path / "index", spec=dataclasses.asdict(SMALL),
+                    train_transform=_as_tensor, eval_transform=_as_tensor)
+    assert len(bench.train_stream) == len(bench.test_stream) == SMALL.num_sessions == 3
+    for t, exp in enumerate(bench.train_stream):  # base: 4 classes x 3 images, then 2 classes x 2 shots
+        assert _labels(exp.dataset) == (sorted(list(range(4)) * 3) if t == 0 else sorted(SMALL.session_classes(t) * 2))
+        assert all(abs(int(x[0, 0, 0]) - int(y)) <= 1 for x, y, *_ in exp.dataset)
+    for t, exp in enumerate(bench.test_stream):
+        assert _labels(exp.dataset) == sorted(list(range(4 + 2 * t)) * 2)
+    with pytest.raises(FileNotFoundError, match="session_4.txt"):  # the published spec needs every list
+        builder(tmp_path, index_dir=tmp_path / "index")
+    with pytest.raises(TypeError, match="spec"):
+        builder(tmp_path, index_dir=tmp_path / "index", spec=[8, 4, 2, 2])
+    with pytest.raises(TypeError, match="spec must map the FSCILSpec fields"):
+        builder(tmp_path, index_dir=tmp_path / "index", spec={"classes": 8})
 
 
 def test_registered_fscil_benchmarks_run_through_the_runner(cifar_root, tmp_path):
