@@ -77,6 +77,8 @@ def _option(key: str) -> str:
     if key.startswith(("benchmark_args.", "model_args.", "strategy_args.")):
         section, name = key.split(".", 1)
         return f"--{section[:-len('_args')]}-arg {name}=..."
+    if key == "pretrained":
+        return "--pretrained FILE (or --pretrained none to start from scratch)"
     return f"--{key.replace('_', '-')} ..."
 
 

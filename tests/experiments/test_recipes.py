@@ -222,6 +222,7 @@ def test_missing_requirement_is_one_error_naming_the_option(name, given, named, 
     options = [f"--benchmark-arg {key.split('.')[1]}=" if "." in key else f"--{key} "
                for key in _recipe_file(name)["requires"]]
     assert [option for option in options if option in err] == named  # the missing ones only
+    assert ("--pretrained none to start from scratch" in err) == ("--pretrained " in named)
     assert not out.exists()
 
 
