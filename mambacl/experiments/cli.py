@@ -13,6 +13,7 @@ Ctrl-C says how far the run got and how to continue it.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -21,10 +22,11 @@ import timm
 
 from mambacl.benchmarks import get_benchmark, list_benchmarks
 from mambacl.experiments.checkpoint import checkpoint_config, latest_manifest
-from mambacl.experiments.config import HARMLESS_KEYS, RunConfig, load_yaml
+from mambacl.experiments.config import HARMLESS_KEYS, RunConfig, differing_keys, load_yaml
 from mambacl.experiments.recipe import apply_recipe, get_recipe, list_recipes
 from mambacl.experiments.runner import RunInterrupted
 from mambacl.experiments import compare, compare_table, run_benchmark
+from mambacl.experiments.compare import read_plan
 from mambacl.strategies.plugins import NonFiniteLossError
 from mambacl.strategies.registry import get_strategy, list_strategies, strategy_hparams
 
@@ -33,11 +35,15 @@ __all__ = ["main", "build_parser"]
 DEFAULT_STRATEGIES = ("mambacl", "naive")
 DEFAULT_OUT = "mambacl_runs/default"
 DEFAULT_PRETRAINED = "test_vim.glyphs"  # the packaged backbone every strategy of the default starts from
+_TOP = "top_"  # dest prefix of the bare command's options
 # option dest -> RunConfig field, for the options shared by run and compare
 _SHARED = ("benchmark", "model", "pretrained", "epochs", "lr", "weight_decay", "batch_size", "eval_batch_size",
            "device", "out", "tensorboard", "autocast", "num_workers", "max_device_batch")
 # failures a user can fix from the message alone; anything else is a bug and keeps its traceback
 _EXPECTED = (ValueError, TypeError, OSError, NonFiniteLossError)
+# TypeErrors that Python itself raises for wrong code, not mambacl's checks of the user's input
+_CODE_ERROR = re.compile(r"unexpected keyword argument|required positional argument|positional arguments? but|"
+                         r"object is not (subscriptable|callable|iterable)|unsupported operand|object has no attribute")
 
 
 def _key_values(items: Optional[List[str]], option: str) -> Dict[str, Any]:
@@ -51,11 +57,12 @@ def _key_values(items: Optional[List[str]], option: str) -> Dict[str, Any]:
     return parsed
 
 
-def _add_folder_options(p: argparse.ArgumentParser, what: str) -> None:
+def _add_folder_options(p: argparse.ArgumentParser, what: str, prefix: str = "") -> None:
     modes = p.add_mutually_exclusive_group()
-    modes.add_argument("--resume", nargs="?", const=True, metavar="DIR",
+    modes.add_argument("--resume", nargs="?", const=True, metavar="DIR", dest=f"{prefix}resume",
                        help=f"continue the {what} in DIR (or in --out) after its last finished experience")
-    modes.add_argument("--overwrite", action="store_true", help=f"replace a {what} already in the output folder")
+    modes.add_argument("--overwrite", action="store_true", dest=f"{prefix}overwrite",
+                       help=f"replace a {what} already in the output folder")
 
 
 def _add_shared(p: argparse.ArgumentParser) -> None:
@@ -82,21 +89,24 @@ def _add_shared(p: argparse.ArgumentParser) -> None:
     _add_console(p)
 
 
-def _add_console(p: argparse.ArgumentParser) -> None:
+def _add_console(p: argparse.ArgumentParser, prefix: str = "") -> None:
     console = p.add_mutually_exclusive_group()
-    console.add_argument("--quiet", action="store_true", help="no progress bars, only one line per experience")
-    console.add_argument("--verbose", action="store_true", help="Avalanche's interactive logger (every metric)")
-    p.add_argument("--debug", action="store_true", help="show the traceback of expected errors too")
+    console.add_argument("--quiet", action="store_true", dest=f"{prefix}quiet",
+                         help="no progress bars, only one line per experience")
+    console.add_argument("--verbose", action="store_true", dest=f"{prefix}verbose",
+                         help="Avalanche's interactive logger (every metric)")
+    p.add_argument("--debug", action="store_true", dest=f"{prefix}debug", help="show the traceback of expected errors too")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``mambacl`` command."""
     parser = argparse.ArgumentParser(prog="mambacl", description="Continual learning with Vision Mamba backbones. "
                                      "Without a command: Mamba-CL vs naive on split digits.")
-    _add_folder_options(parser, "default comparison")
-    parser.add_argument("--pretrained", metavar="FILE", help=f"starting backbone of the default comparison (default "
-                        f"the packaged {DEFAULT_PRETRAINED}; 'none': from scratch)")
-    _add_console(parser)
+    # options of the bare command; a subcommand has its own (given after it)
+    _add_folder_options(parser, "default comparison", prefix=_TOP)
+    parser.add_argument("--pretrained", metavar="FILE", dest=f"{_TOP}pretrained", help="starting backbone of the "
+                        f"default comparison (default the packaged {DEFAULT_PRETRAINED}; 'none': from scratch)")
+    _add_console(parser, prefix=_TOP)
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="train one strategy on one benchmark")
     _add_shared(run)
@@ -106,9 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_folder_options(run, "run")
     cmp = sub.add_parser("compare", help="run several strategies with the same seeds and write one table")
     _add_shared(cmp)
-    cmp.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
-                     help="comma-separated strategy names; NAME@VARIANT runs NAME again with its own --strategy-arg")
-    cmp.add_argument("--seeds", default="0", help="comma-separated seeds")
+    cmp.add_argument("--strategies", help=f"comma-separated strategy names (default {','.join(DEFAULT_STRATEGIES)}); "
+                     "NAME@VARIANT runs NAME again with its own --strategy-arg")
+    cmp.add_argument("--seeds", help="comma-separated seeds (default: the config's seed, 0)")
     cmp.add_argument("--strategy-arg", action="append", metavar="NAME.KEY=VALUE",
                      help="hyper-parameter of one strategy, e.g. ewc.ewc_lambda=10 or mambacl@proto.head=prototype")
     _add_folder_options(cmp, "comparison")
@@ -145,13 +155,13 @@ def _resume_config(folder: str, given: Dict[str, Any]) -> RunConfig:
     if manifest is None:
         raise FileNotFoundError(f"cannot resume: {folder} holds no checkpoint of a finished experience")
     saved = checkpoint_config(manifest).to_dict()
-    given = {**given, "out": folder}
-    differing = {k: (saved[k], v) for k, v in given.items() if k not in HARMLESS_KEYS and saved.get(k) != v}
+    differing = differing_keys(saved, {**given, "out": folder})
     if differing:
         detail = ", ".join(f"{k} (run: {a!r}, given: {b!r})" for k, (a, b) in sorted(differing.items()))
         raise ValueError(f"--resume continues the run in {folder} as it was configured; these options would change "
                          f"it: {detail}. Drop them, or start a new run with another --out (or --overwrite)")
-    return RunConfig.from_dict({**saved, **{k: v for k, v in given.items() if k in HARMLESS_KEYS}})
+    return RunConfig.from_dict({**saved, **{k: v for k, v in given.items() if k in HARMLESS_KEYS}, "out": folder})
+
 
 
 def _list() -> None:
@@ -182,14 +192,14 @@ def _per_strategy_args(items: Optional[List[str]]) -> Dict[str, Dict[str, Any]]:
     return nested
 
 
-def _folder_flags(args: argparse.Namespace, out: Optional[str]) -> tuple:
+def _folder_flags(args: argparse.Namespace, out: Optional[str], prefix: str = "") -> tuple:
     """(out, resume, overwrite) from --out and --resume [DIR]; both folders given must agree."""
-    resume = args.resume
+    resume = getattr(args, f"{prefix}resume")
     if isinstance(resume, str):
         if out is not None and out != resume:
             raise ValueError(f"--resume {resume} and --out {out} name different folders; give one of them")
         out = resume
-    return out, bool(resume), args.overwrite
+    return out, bool(resume), getattr(args, f"{prefix}overwrite")
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -213,12 +223,19 @@ def _run(args: argparse.Namespace) -> None:
           f"{config.out}")
 
 
-def _compare(args: argparse.Namespace, strategies: Sequence[str], seeds: Sequence[int],
-             given: Dict[str, Any]) -> None:
-    out, resume, overwrite = _folder_flags(args, given.get("out"))
-    config = RunConfig.from_dict({**given, **({"out": out} if out else {})})
-    comparison = compare(config, strategies, seeds, _per_strategy_args(getattr(args, "strategy_arg", None)),
-                         resume=resume, overwrite=overwrite)
+def _compare(args: argparse.Namespace, strategies: Optional[List[str]], seeds: Optional[List[int]],
+             strategy_args: Optional[Dict[str, Dict[str, Any]]], given: Dict[str, Any], prefix: str = "") -> None:
+    """Run a comparison; with --resume, what is not given comes from the plan it was started with."""
+    out, resume, overwrite = _folder_flags(args, given.get("out"), prefix)
+    plan = read_plan(out) if resume and out else None
+    if plan is not None:
+        config = RunConfig.from_dict({**plan["config"], **given, "out": out})
+        strategies, seeds = strategies or plan["strategies"], seeds or plan["seeds"]
+        strategy_args = strategy_args or plan["strategy_args"]
+    else:
+        config = RunConfig.from_dict({**given, **({"out": out} if out else {})})
+        strategies, seeds = strategies or list(DEFAULT_STRATEGIES), seeds or [config.seed]
+    comparison = compare(config, strategies, seeds, strategy_args, resume=resume, overwrite=overwrite)
     print(f"\n{config.benchmark}, seeds {list(seeds)} (results in {config.out}):\n" + compare_table(comparison))
 
 
@@ -243,21 +260,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        top = [f"--{k[len(_TOP):]}" for k, v in vars(args).items() if k.startswith(_TOP) and v not in (None, False)]
         if args.command is None:
-            pretrained = None if args.pretrained == "none" else args.pretrained or DEFAULT_PRETRAINED
+            pretrained = args.top_pretrained
+            pretrained = None if pretrained == "none" else pretrained or DEFAULT_PRETRAINED
             print(f"split digits, {' vs '.join(DEFAULT_STRATEGIES)}; every strategy starts from " + (
                 f"the packaged {pretrained} backbone (test_vim pretrained on procedural glyphs, disjoint from the "
                 "digits; --pretrained none starts from scratch)" if pretrained == DEFAULT_PRETRAINED else
                 f"{pretrained}" if pretrained else "a random initialisation (--pretrained none)"), flush=True)
-            given = {"out": DEFAULT_OUT, "progress": not args.quiet, "verbose": args.verbose, "pretrained": pretrained}
-            _compare(args, DEFAULT_STRATEGIES, [0], given)
+            given = {"out": DEFAULT_OUT, "progress": not args.top_quiet, "verbose": args.top_verbose,
+                     "pretrained": pretrained}
+            _compare(args, list(DEFAULT_STRATEGIES), [0], None, given, prefix=_TOP)
+        elif top:
+            raise ValueError(f"{', '.join(top)} given before '{args.command}' belong to the bare command; give them "
+                             f"after it: mambacl {args.command} {' '.join(top)} ...")
         elif args.command == "list":
             _list()
         elif args.command == "run":
             _run(args)
         else:
-            _compare(args, _parse_list(args.strategies, "--strategies", str), _parse_list(args.seeds, "--seeds", int),
-                     _given(args))
+            _compare(args, None if args.strategies is None else _parse_list(args.strategies, "--strategies", str),
+                     None if args.seeds is None else _parse_list(args.seeds, "--seeds", int),
+                     _per_strategy_args(args.strategy_arg), _given(args))
     except RunInterrupted as stop:
         print(f"\nmambacl: interrupted; {stop.done} of {stop.total} experiences of the run in {stop.out} are finished "
               f"and saved. Continue with: {_continue_hint(args, stop)}", file=sys.stderr)
@@ -266,7 +290,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("\nmambacl: interrupted before any experience finished", file=sys.stderr)
         return 130
     except _EXPECTED as err:
-        if getattr(args, "debug", False):
+        if getattr(args, "debug", False) or args.top_debug \
+                or (isinstance(err, TypeError) and _CODE_ERROR.search(str(err))):
             raise
         parser.exit(2, f"mambacl: error: {err}\n")
     return 0

@@ -19,11 +19,11 @@ import yaml
 
 from mambacl.strategies.registry import unknown_name_error
 
-__all__ = ["RunConfig", "HARMLESS_KEYS", "AUTOCAST", "load_yaml"]
+__all__ = ["RunConfig", "HARMLESS_KEYS", "AUTOCAST", "differing_keys", "load_yaml"]
 
 AUTOCAST = ("bf16", "fp16")
 # keys a resumed run may change: where it runs and what it prints, never what it computes
-HARMLESS_KEYS = ("device", "out", "progress", "verbose", "num_workers", "max_device_batch")
+HARMLESS_KEYS = ("device", "out", "progress", "verbose", "num_workers", "tensorboard")
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
 
@@ -54,6 +54,11 @@ def _positive_int(name: str, value: Any) -> None:
 def _non_negative_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"config key {name!r} must be an int >= 0, got {value!r} ({_type_name(value)})")
+
+
+def _seed(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 32:
+        raise ValueError(f"config key {name!r} must be an int in [0, 2**32) (numpy's seed range), got {value!r}")
 
 
 def _number(name: str, value: Any, positive: bool) -> None:
@@ -109,7 +114,7 @@ _RULES: Dict[str, Callable[[str, Any], None]] = {
     "model": _optional_text, "model_args": _mapping, "pretrained": _optional_text,
     "epochs": _positive_int, "lr": lambda n, v: _number(n, v, positive=True),
     "weight_decay": lambda n, v: _number(n, v, positive=False), "batch_size": _positive_int,
-    "eval_batch_size": _positive_int, "device": _device, "seed": _non_negative_int, "out": _text,
+    "eval_batch_size": _positive_int, "device": _device, "seed": _seed, "out": _text,
     "tensorboard": _flag, "progress": _flag, "verbose": _flag, "num_workers": _non_negative_int,
     "autocast": _autocast, "max_device_batch": _optional_positive_int, "data_repeat": _positive_int,
     "lr_milestones": _milestones, "lr_gamma": lambda n, v: _number(n, v, positive=True), "recipe": _optional_text,
@@ -226,5 +231,19 @@ class RunConfig:
 
     def differing_keys(self, other: "RunConfig") -> Dict[str, tuple]:
         """``{key: (self's value, other's value)}`` for the result-changing keys where the two differ."""
-        mine, theirs = self.to_dict(), other.to_dict()
-        return {k: (mine[k], theirs[k]) for k in mine if k not in HARMLESS_KEYS and mine[k] != theirs[k]}
+        return differing_keys(self.to_dict(), other.to_dict())
+
+
+def differing_keys(saved: Dict[str, Any], given: Dict[str, Any]) -> Dict[str, tuple]:
+    """``{key: (saved, given)}`` for the result-changing keys (not ``HARMLESS_KEYS``) that ``given`` sets to another
+    value than ``saved``. The ``*_args`` mappings compare key by key (giving some of their keys again is no
+    change), and values compare as JSON (a tuple equals the list a file holds)."""
+    differing = {}
+    for key, value in given.items():
+        if key in HARMLESS_KEYS:
+            continue
+        if key.endswith("_args") and isinstance(value, dict) and isinstance(saved.get(key), dict):
+            value = {**saved[key], **value}
+        if json.dumps(saved.get(key), sort_keys=True, default=repr) != json.dumps(value, sort_keys=True, default=repr):
+            differing[key] = (saved.get(key), value)
+    return differing

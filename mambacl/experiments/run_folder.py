@@ -7,14 +7,19 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import Callable, List, Optional, Union
 
-__all__ = ["RUN_FILES", "MODES", "RunFolderError", "atomic_write_text", "run_contents", "prepare_run_folder"]
+from mambacl.strategies.distributed import broadcast_object, is_main_process
+
+__all__ = ["RUN_FILES", "MODES", "RunFolderError", "atomic_write_text", "on_main_process", "run_contents",
+           "prepare_run_folder"]
 
 MODES = ("new", "resume", "overwrite")
 # what a run (or a comparison) writes into its folder; --overwrite removes exactly these
 RUN_FILES = ("results.json", "results.csv", "accuracy_matrix.png", "accuracy.png", "checkpoints", "tensorboard",
-             "checkpoint.pt", "compare.json", "compare.md")
+             "checkpoint.pt", "compare.json", "compare.md", "compare_plan.json")
+# files only mambacl writes: a folder is taken for a run (and may be overwritten) only when it holds one of them
+_MARKERS = ("results.json", "checkpoints/exp*.json", "checkpoint.pt", "compare.json", "compare_plan.json")
 
 
 class RunFolderError(FileExistsError):
@@ -62,6 +67,9 @@ def prepare_run_folder(out: Union[str, Path], mode: str, what: str = "run", runs
                                      f"--resume to continue it or --overwrite to replace it")
     if mode == "overwrite":
         for folder in folders:
+            if run_contents(folder) and not any(any(folder.glob(marker)) for marker in _MARKERS):
+                raise RunFolderError(f"--overwrite: {folder} holds {', '.join(run_contents(folder))} but no mambacl run "
+                                     "(no results.json, checkpoint manifest or comparison): nothing is deleted")
             for name in run_contents(folder):
                 target = folder / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
@@ -77,3 +85,16 @@ def prepare_run_folder(out: Union[str, Path], mode: str, what: str = "run", runs
     for folder in folders:
         for stale in [*folder.glob("*.tmp"), *folder.glob("checkpoints/*.tmp")]:
             stale.unlink()
+
+
+def on_main_process(action: Callable[[], None]) -> None:
+    """Run ``action`` on rank 0 only and raise its error (if any) on every rank, so no rank waits for a failed one."""
+    error: Optional[BaseException] = None
+    if is_main_process():
+        try:
+            action()
+        except (OSError, ValueError, TypeError) as err:
+            error = err
+    error = broadcast_object(error)
+    if error is not None:
+        raise error

@@ -14,7 +14,7 @@ import platform
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import avalanche
 import numpy as np
@@ -34,13 +34,13 @@ from mambacl.experiments.checkpoint import CheckpointError, load_latest_checkpoi
 from mambacl.experiments.config import RunConfig
 from mambacl.experiments.console import ExperienceProgress
 from mambacl.experiments.results import accuracy_matrix, read_results, summarize, write_results
-from mambacl.experiments.run_folder import prepare_run_folder
-from mambacl.experiments.strategy_state import decode_metrics, restore_strategy, strategy_state
-from mambacl.strategies.distributed import (barrier, broadcast_object, check_batch_divisible, check_replicas_in_sync,
-                                            check_same_config, init_distributed, is_main_process, local_device,
-                                            world_size)
+from mambacl.experiments.run_folder import on_main_process, prepare_run_folder
+from mambacl.experiments.strategy_state import decode_metrics, restore_strategy, rng_state, strategy_state
+from mambacl.strategies.distributed import (barrier, check_batch_divisible, check_replicas_in_sync,
+                                            check_same_config, gather_objects, init_distributed, is_main_process,
+                                            local_device, world_size)
 from mambacl.strategies.metrics import FeatureNCMAccuracy, feature_ncm_accuracy_metrics, within_task_accuracy_metrics
-from mambacl.strategies.plugins import DistributedPlugin, FiniteLossPlugin, NullSpacePlugin
+from mambacl.strategies.plugins import DistributedPlugin, FiniteLossPlugin, NonFiniteLossError, NullSpacePlugin
 from mambacl.strategies.registry import TrainSetup, create_strategy, get_strategy
 
 __all__ = ["RunInterrupted", "build_backbone", "diagnostic_metrics", "history_metrics", "make_evaluator",
@@ -72,19 +72,6 @@ def resolve_device(name: str) -> torch.device:
         return torch.device(name)
     raise ValueError(f"device {name!r} is not available here (torch {torch.__version__}, CUDA available: "
                      f"{torch.cuda.is_available()}); available devices: {', '.join(available)}")
-
-
-def _on_main_process(action: Callable[[], None]) -> None:
-    """Run ``action`` on rank 0 only and raise its error (if any) on every rank."""
-    error: Optional[BaseException] = None
-    if is_main_process():
-        try:
-            action()
-        except (OSError, ValueError, TypeError) as err:
-            error = err
-    error = broadcast_object(error)
-    if error is not None:
-        raise error
 
 
 def build_backbone(config: RunConfig, input_shape: Sequence[int]) -> nn.Module:
@@ -216,7 +203,7 @@ def run_benchmark(config: RunConfig, resume: bool = False, stop_after: Optional[
     if resume:
         _check_results_belong(out, config)
     manifest, state = load_latest_checkpoint(out, config) if resume else (None, None)
-    _on_main_process(lambda: prepare_run_folder(out, "resume" if resume else "overwrite" if overwrite else "new"))
+    on_main_process(lambda: prepare_run_folder(out, "resume" if resume else "overwrite" if overwrite else "new"))
     barrier()
     RNGManager.set_random_seeds(config.seed)
     bench = create_benchmark(config.benchmark, **config.benchmark_args)
@@ -263,11 +250,13 @@ def run_benchmark(config: RunConfig, resume: bool = False, stop_after: Optional[
             row.update(_null_space_sizes(strategy))
             record = {"done": i + 1, "rows": [*record["rows"], row]}
             results = _results(config, bench, record, n_test, device)
+            _check_finite_parameters(strategy.model, i)
+            rngs = gather_objects(rng_state())  # every rank continues its own random streams after a resume
             if is_main_process():
                 print(f"[{config.strategy}] step {i + 1}/{len(steps)}: seen-class acc {row['acc_stream']:.4f} | "
                       f"task-mean acc {row['acc_task_mean']:.4f} | forgetting {row['forgetting']:.4f} | "
                       f"train {train_s:.1f}s eval {row['eval_s']:.1f}s", flush=True)
-                save_checkpoint(out, strategy_state(strategy, history), record, config, _versions())
+                save_checkpoint(out, strategy_state(strategy, history, rngs), record, config, _versions())
             saved = record["done"]
             if is_main_process():
                 write_results(results, out)
@@ -286,6 +275,15 @@ def _null_space_sizes(strategy: Any) -> Dict[str, Any]:
         if isinstance(plugin, NullSpacePlugin) and plugin.null_space_history:
             sizes.update(plugin.null_space_history[-1])
     return {"null_space": sizes} if sizes else {}
+
+
+@torch.no_grad()
+def _check_finite_parameters(model: nn.Module, experience: int) -> None:
+    """No checkpoint of NaN/inf weights (e.g. fp16 gradients that overflowed while the loss stayed finite)."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise NonFiniteLossError(f"parameters {bad[:5]}{' ...' if len(bad) > 5 else ''} are not finite after "
+                                 f"experience {experience}; its checkpoint is not written (the last one stays)")
 
 
 def _check_results_belong(out: Path, config: RunConfig) -> None:

@@ -2,7 +2,7 @@
 
 The state is the model's state_dict, the optimizer's per-parameter state (keyed by parameter name, because
 Avalanche's ``update_optimizer`` appends new head parameters in an order a rebuilt model does not reproduce),
-each plugin's state, the strategy's own extra state and the RNG states. Only tensors, numbers, strings, None,
+each plugin's state, the strategy's own extra state and every rank's RNG states. Only tensors, numbers, strings, None,
 lists, tuples and dicts may appear, so ``torch.load(weights_only=True)`` reads it back without unpickling
 arbitrary objects; the evaluator's Avalanche metric objects (forgetting and BWT keep their history in them) are
 encoded as plain data by :func:`encode_metrics`, whose decoder builds only the classes in ``METRIC_CLASSES``.
@@ -21,7 +21,7 @@ from __future__ import annotations
 import collections
 import copy
 import random
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +33,8 @@ from avalanche.models.utils import avalanche_model_adaptation
 from avalanche.training.plugins import EvaluationPlugin, EWCPlugin, LRSchedulerPlugin, LwFPlugin, ReplayPlugin
 from avalanche.training.templates import SupervisedTemplate
 from avalanche.training.utils import ParamData
+
+from mambacl.strategies.distributed import rank
 
 __all__ = ["METRIC_CLASSES", "strategy_state", "restore_strategy", "check_storable", "encode_metrics",
            "decode_metrics", "rng_state", "set_rng_state"]
@@ -112,25 +114,25 @@ def check_storable(obj: Any, where: str = "checkpoint") -> None:
 
 
 def rng_state() -> Dict[str, Any]:
-    """The python, numpy and torch (CPU and CUDA) RNG states, as plain data and tensors."""
+    """This process's python, numpy and torch RNG states (CPU, and its current CUDA device), as plain data."""
     numpy_state = np.random.get_state(legacy=False)
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
              "numpy": {**numpy_state, "state": {"key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
                                                 "pos": int(numpy_state["state"]["pos"])}}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
-    """Restore :func:`rng_state`."""
+    """Restore :func:`rng_state` (into the current CUDA device)."""
     random.setstate(state["python"])
     numpy_state = state["numpy"]
     np.random.set_state({**numpy_state, "state": {"key": numpy_state["state"]["key"].numpy().astype(np.uint32),
                                                   "pos": numpy_state["state"]["pos"]}})
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _param_tensors(params: Dict[int, Dict[str, ParamData]]) -> Dict[int, Dict[str, torch.Tensor]]:
@@ -199,23 +201,31 @@ def _plugins(strategy: SupervisedTemplate) -> List[Any]:
     return [p for p in strategy.plugins if not isinstance(p, EvaluationPlugin)]
 
 
-def strategy_state(strategy: SupervisedTemplate, metrics: Sequence[Any]) -> Dict[str, Any]:
+def _optimized(strategy: SupervisedTemplate) -> Dict[str, torch.nn.Parameter]:
+    """The optimizer's parameters by their name in the model (whatever built the optimizer)."""
+    in_optimizer = {id(p) for group in strategy.optimizer.param_groups for p in group["params"]}
+    return {name: p for name, p in strategy.model.named_parameters() if id(p) in in_optimizer}
+
+
+def strategy_state(strategy: SupervisedTemplate, metrics: Sequence[Any],
+                   rng: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
     """Everything needed to continue ``strategy`` after a finished experience (see the module docstring).
 
     Args:
         strategy: the template after ``train`` + ``eval`` of the experience.
         metrics: the evaluator's metric objects.
+        rng: every rank's :func:`rng_state`, indexed by rank (default: this process's only).
     Returns:
         the state; raises TypeError naming any entry a weights-only checkpoint could not hold.
     """
-    named = getattr(strategy, "optimized_param_id", None) or {}
     state = {
         "model": dict(strategy.model.state_dict()),
-        "optimizer": {name: strategy.optimizer.state[p] for name, p in named.items() if p in strategy.optimizer.state},
+        "optimizer": {name: strategy.optimizer.state[p] for name, p in _optimized(strategy).items()
+                      if p in strategy.optimizer.state},
         "plugins": [{"class": type(p).__qualname__, "state": _plugin_state(p)} for p in _plugins(strategy)],
         "strategy": strategy.checkpoint_state() if hasattr(strategy, "checkpoint_state") else None,
         "metrics": encode_metrics(metrics),
-        "rng": rng_state(),
+        "rng": rng if rng is not None else [rng_state()],
     }
     check_storable(state, "strategy state")
     return state
@@ -242,10 +252,15 @@ def restore_strategy(strategy: SupervisedTemplate, finished: Sequence[Any], stat
     model.load_state_dict(state["model"])
     model.to(strategy.device)
     strategy.make_optimizer(reset_optimizer_state=True)
+    optimized = _optimized(strategy)
     for name, param_state in state["optimizer"].items():
-        param = strategy.optimized_param_id[name]
+        if name not in optimized:
+            raise ValueError(f"the checkpoint has optimizer state for {name}, which the rebuilt optimizer does not "
+                             "hold: it was written by a different strategy or model")
+        param = optimized[name]
         strategy.optimizer.state[param] = {k: v.to(param.device) if torch.is_tensor(v) and v.dim() else v
                                            for k, v in param_state.items()}
     for plugin, saved in zip(plugins, state["plugins"]):
         _restore_plugin(plugin, saved["state"], strategy, finished)
-    set_rng_state(state["rng"])
+    rngs = state["rng"]
+    set_rng_state(rngs[rank()] if rank() < len(rngs) else rngs[0])  # another world size: rank 0's streams
