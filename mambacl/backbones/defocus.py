@@ -109,9 +109,11 @@ class DefocusBranch(MambaBranch):
 
     def rope(self, t: torch.Tensor) -> torch.Tensor:
         """Rotate ``[b, N, L]`` B or C by the angles ``(l / rope_scale_factor) * freq[n]`` (timm's interleaved rotation)."""
-        positions = torch.arange(t.shape[-1], device=t.device, dtype=t.dtype) / self.rope_scale_factor
-        theta = positions[:, None] * self.freq.to(t.dtype)[None, :]  # [L, N]
-        return apply_rot_embed(t.transpose(1, 2), theta.sin(), theta.cos()).transpose(1, 2)
+        # angles up to L * freq in at least float32 even under autocast: bf16 would be off by ~0.4 rad at L = 145
+        wide = _at_least_fp32(t)
+        positions = torch.arange(t.shape[-1], device=t.device, dtype=wide.dtype) / self.rope_scale_factor
+        theta = positions[:, None] * self.freq.to(wide.dtype)[None, :]  # [L, N]
+        return apply_rot_embed(wide.transpose(1, 2), theta.sin(), theta.cos()).transpose(1, 2).to(t.dtype)
 
     def scan(self, x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
              z: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,9 @@ def save_checkpoint(out: Union[str, Path], state: Dict[str, Any], record: Dict[s
     for old in list_checkpoints(out)[KEEP:]:
         for suffix in (".json", ".pt"):
             (folder / f"{_stem(old['done'])}{suffix}").unlink(missing_ok=True)
+    for orphan in folder.glob("exp*.pt"):  # the .pt of a write interrupted before its manifest
+        if not orphan.with_suffix(".json").is_file():
+            orphan.unlink()
     return path
 
 

@@ -283,8 +283,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      None if args.seeds is None else _parse_list(args.seeds, "--seeds", int),
                      _per_strategy_args(args.strategy_arg), _given(args))
     except RunInterrupted as stop:
-        print(f"\nmambacl: interrupted; {stop.done} of {stop.total} experiences of the run in {stop.out} are finished "
-              f"and saved. Continue with: {_continue_hint(args, stop)}", file=sys.stderr)
+        of = f" of {stop.total}" if stop.total is not None else ""
+        print(f"\nmambacl: interrupted; {stop.done}{of} experiences of the run in {stop.out} are finished and saved. "
+              f"Continue with: {_continue_hint(args, stop)}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("\nmambacl: interrupted before any experience finished", file=sys.stderr)

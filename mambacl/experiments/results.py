@@ -77,7 +77,7 @@ def _plot(results: Dict[str, Any], out: Path) -> None:
     ax.set_title(f"{results['config']['strategy']} on {results['config']['benchmark']}")
     fig.colorbar(im, ax=ax, label="accuracy")
     fig.tight_layout()
-    fig.savefig(out / "accuracy_matrix.png", dpi=100)
+    _save_png(fig, out / "accuracy_matrix.png")
     plt.close(fig)
 
     steps = [r["experience"] + 1 for r in results["experiences"]]
@@ -90,8 +90,14 @@ def _plot(results: Dict[str, Any], out: Path) -> None:
     ax.set_ylim(0, 1)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=100)
+    _save_png(fig, out / "accuracy.png")
     plt.close(fig)
+
+
+def _save_png(fig: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    os.replace(tmp, path)
 
 
 def write_results(results: Dict[str, Any], out: Union[str, Path], plots: bool = True) -> None:

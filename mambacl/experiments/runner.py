@@ -50,10 +50,11 @@ _STREAM = "eval_phase/test_stream"
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a run; ``out`` and ``done`` (finished experiences, all saved) say where it stopped."""
+    """Ctrl-C during a run; ``out`` and ``done`` (finished experiences, all saved) say where it stopped; ``total`` is
+    None when the stream was not built yet."""
 
-    def __init__(self, out: str, done: int, total: int) -> None:
-        super().__init__(f"interrupted after {done} of {total} experiences")
+    def __init__(self, out: str, done: int, total: Optional[int]) -> None:
+        super().__init__(f"interrupted after {done} of {total if total is not None else '?'} experiences")
         self.out, self.done, self.total = out, done, total
 
 
@@ -205,6 +206,18 @@ def run_benchmark(config: RunConfig, resume: bool = False, stop_after: Optional[
     manifest, state = load_latest_checkpoint(out, config) if resume else (None, None)
     on_main_process(lambda: prepare_run_folder(out, "resume" if resume else "overwrite" if overwrite else "new"))
     barrier()
+    # what an interruption reports: the experiences whose checkpoint is complete, and how many there are
+    progress: Dict[str, Optional[int]] = {"saved": manifest["done"] if manifest else 0, "total": None}
+    try:
+        return _train_stream(config, spec, device, out, manifest, state, stop_after, progress)
+    except KeyboardInterrupt:
+        raise RunInterrupted(str(out), progress["saved"], progress["total"]) from None
+
+
+def _train_stream(config: RunConfig, spec: Any, device: torch.device, out: Path, manifest: Optional[Dict[str, Any]],
+                  state: Optional[Dict[str, Any]], stop_after: Optional[int],
+                  progress: Dict[str, Optional[int]]) -> Dict[str, Any]:
+    """:func:`run_benchmark` after the checks: build, restore, then train, evaluate and save each experience."""
     RNGManager.set_random_seeds(config.seed)
     bench = create_benchmark(config.benchmark, **config.benchmark_args)
     backbone = build_backbone(config, bench.train_stream[0].dataset[0][0].shape)
@@ -220,11 +233,17 @@ def run_benchmark(config: RunConfig, resume: bool = False, stop_after: Optional[
                                                   data_repeat=config.data_repeat), FiniteLossPlugin()])
     strategy = create_strategy(config.strategy, setup, **config.strategy_args)
     if config.lr_milestones:
+        if getattr(strategy, "own_lr_schedule", False):
+            raise ValueError(f"lr_milestones {config.lr_milestones}: strategy {config.strategy!r} schedules its own "
+                             "learning rate; leave lr_milestones empty")
+        if max(config.lr_milestones) >= config.epochs:
+            warnings.warn(f"lr_milestones {config.lr_milestones} at or beyond epochs {config.epochs} never apply")
         # the strategy built its optimizer: schedule it, restarting at every experience (a fresh optimizer per task)
         strategy.plugins.append(LRSchedulerPlugin(MultiStepLR(strategy.optimizer, config.lr_milestones,
                                                               config.lr_gamma), step_granularity="epoch"))
     # a joint strategy trains once on the whole stream and is evaluated on all of it
     steps = [bench.train_stream] if spec.joint else list(bench.train_stream)
+    progress["total"] = len(steps)
     n_test = len(bench.test_stream)
     record = state["record"] if state else {"done": 0, "rows": []}
     if state:
@@ -237,32 +256,28 @@ def run_benchmark(config: RunConfig, resume: bool = False, stop_after: Optional[
     if is_main_process() and manifest is not None:
         write_results(results, out)  # results missing, or behind the checkpoint after a kill: rewrite them
     last = len(steps) if stop_after is None else min(len(steps), stop_after)
-    saved = record["done"]  # experiences whose checkpoint is complete
-    try:
-        for i in range(record["done"], last):
-            start = time.perf_counter()
-            strategy.train(steps[i])
-            train_s = time.perf_counter() - start
-            seen = n_test if spec.joint else i + 1
-            metrics = strategy.eval(bench.test_stream[:seen])
-            classes = sorted({int(c) for e in bench.train_stream[:seen] for c in e.classes_in_this_experience})
-            row = _step_record(i, classes, metrics, seen, train_s, time.perf_counter() - start - train_s)
-            row.update(_null_space_sizes(strategy))
-            record = {"done": i + 1, "rows": [*record["rows"], row]}
-            results = _results(config, bench, record, n_test, device)
-            _check_finite_parameters(strategy.model, i)
-            rngs = gather_objects(rng_state())  # every rank continues its own random streams after a resume
-            if is_main_process():
-                print(f"[{config.strategy}] step {i + 1}/{len(steps)}: seen-class acc {row['acc_stream']:.4f} | "
-                      f"task-mean acc {row['acc_task_mean']:.4f} | forgetting {row['forgetting']:.4f} | "
-                      f"train {train_s:.1f}s eval {row['eval_s']:.1f}s", flush=True)
-                save_checkpoint(out, strategy_state(strategy, history, rngs), record, config, _versions())
-            saved = record["done"]
-            if is_main_process():
-                write_results(results, out)
-            barrier()
-    except KeyboardInterrupt:
-        raise RunInterrupted(str(out), saved, len(steps)) from None
+    for i in range(record["done"], last):
+        start = time.perf_counter()
+        strategy.train(steps[i])
+        train_s = time.perf_counter() - start
+        seen = n_test if spec.joint else i + 1
+        metrics = strategy.eval(bench.test_stream[:seen])
+        classes = sorted({int(c) for e in bench.train_stream[:seen] for c in e.classes_in_this_experience})
+        row = _step_record(i, classes, metrics, seen, train_s, time.perf_counter() - start - train_s)
+        row.update(_null_space_sizes(strategy))
+        record = {"done": i + 1, "rows": [*record["rows"], row]}
+        results = _results(config, bench, record, n_test, device)
+        _check_finite_parameters(strategy.model, i)
+        rngs = gather_objects(rng_state())  # every rank continues its own random streams after a resume
+        if is_main_process():
+            print(f"[{config.strategy}] step {i + 1}/{len(steps)}: seen-class acc {row['acc_stream']:.4f} | "
+                  f"task-mean acc {row['acc_task_mean']:.4f} | forgetting {row['forgetting']:.4f} | "
+                  f"train {train_s:.1f}s eval {row['eval_s']:.1f}s", flush=True)
+            save_checkpoint(out, strategy_state(strategy, history, rngs), record, config, _versions())
+        progress["saved"] = record["done"]
+        if is_main_process():
+            write_results(results, out)
+        barrier()
     check_replicas_in_sync(strategy.model)
     return results
 

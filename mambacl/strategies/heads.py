@@ -19,6 +19,8 @@ from avalanche.benchmarks.scenarios import CLExperience
 from avalanche.models import DynamicModule, IncrementalClassifier
 from torch import nn
 
+from mambacl.strategies.nullspace import NonFiniteFeaturesError
+
 from mambacl.strategies.class_stats import add_class_sums
 
 HEADS = ("experience", "incremental", "prototype", "ranpac")
@@ -105,6 +107,8 @@ class FittedHead(DynamicModule):
 
     # NullSpacePlugin's contract: every class is scored by one rule, so the head needs no protection
     calibrated_across_experiences = True
+    # its statistics are fitted from the same data on every rank: DDP need not broadcast them at every step
+    ddp_ignore_buffers = True
 
     class_dims: Dict[str, int] = {"fitted": 0}  # buffer name -> its class dimension (grown by adaptation)
 
@@ -159,6 +163,9 @@ class FittedHead(DynamicModule):
             raise ValueError(f"labels must be [{features.shape[0]}], got {list(labels.shape)}")
         if len(labels) == 0:
             raise ValueError("fit_experience needs at least one training sample")
+        if not torch.isfinite(features).all():
+            raise NonFiniteFeaturesError(f"{type(self).__name__}.fit_experience: the features hold NaN/inf values; "
+                                         "nothing is added to the class statistics")
         labels = labels.to(self.fitted.device, torch.long)
         if labels.min() < 0 or labels.max() >= self.num_classes:
             raise ValueError(f"labels must be adapted class ids in [0, {self.num_classes}); got "
@@ -340,15 +347,15 @@ class RanPACHead(FittedHead):
     def _fit(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         h = self.project(features.double())
         y = F.one_hot(labels, self.num_classes).double()
-        self.gram += h.T @ h
-        self.cross += h.T @ y
         lam = self.ridge_grid[0]
-        if len(self.ridge_grid) > 1:
+        if len(self.ridge_grid) > 1:  # chosen on this experience's data alone, before any statistic changes
             gen = torch.Generator().manual_seed(self.seed + int(self.fits))
             fit, val = ridge_split(len(h), self.val_fraction, gen)
             lam = select_ridge(h, y, self.ridge_grid, fit.to(h.device), val.to(h.device))
+        gram, cross = self.gram + h.T @ h, self.cross + h.T @ y
         eye = torch.eye(self.num_projections, dtype=torch.float64, device=h.device)
-        self.weight = torch.linalg.solve(self.gram + lam * eye, self.cross).to(self.weight.dtype)
+        self.weight = torch.linalg.solve(gram + lam * eye, cross).to(self.weight.dtype)
+        self.gram, self.cross = gram, cross
         self.ridge.fill_(lam)
         self.fits += 1
 

@@ -162,3 +162,16 @@ def test_full_width_block_at_192px_matches_direct_computation(direct):
     assert feats.shape == (1, 145, 1024) and seen["hidden"].shape == (1, 145, 1024)
     expected, _ = direct(mixer, seen["hidden"].double())
     torch.testing.assert_close(seen["out"].double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_rope_keeps_float32_angles_under_bf16_autocast():
+    """B and C are rotated by angles l * freq up to L - 1 = 144 at 192 px: in bf16 those angles would be off by up
+    to ~0.4 rad; the rotation is computed in float32 and only its result is cast."""
+    import timm
+    model = timm.create_model("test_defocus_mamba", num_classes=0).eval()
+    branch = next(m for m in model.modules() if hasattr(m, "rope"))
+    t = torch.randn(2, branch.d_state, 145)
+    exact = branch.rope(t.double().float())
+    rotated_bf16 = branch.rope(t.to(torch.bfloat16)).float()
+    # only the input and output roundings to bf16 remain (relative ~2**-8 each)
+    assert ((rotated_bf16 - exact).norm() / exact.norm()) < 1e-2

@@ -14,6 +14,7 @@ from torch.utils.data import TensorDataset
 from mambacl.strategies import (ContinualClassifier, HeadLRPlugin, PretrainedCIL, PrototypeHead, PrototypePlugin,
                                 RanPACHead, feature_ncm_accuracy_metrics, make_optimizer)
 from mambacl.strategies.heads import ridge_split
+from mambacl.strategies.nullspace import NonFiniteFeaturesError
 from mambacl.strategies.metrics import FeatureNCM, WithinTaskAccuracy
 from mambacl.strategies.registry import TrainSetup, create_strategy
 
@@ -104,10 +105,24 @@ def test_fit_experience_rejects_mismatched_statistics(features, labels, arg):
         _adapted(PrototypeHead(4), 0, 1).fit_experience(features, labels)
 
 
+@pytest.mark.parametrize("head", [lambda: PrototypeHead(4), lambda: RanPACHead(4, num_projections=8)],
+                         ids=["prototype", "ranpac"])
+def test_non_finite_features_are_refused_and_change_nothing(head):
+    head = _adapted(head(), 0, 1)
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    features = torch.randn(6, 4)
+    features[2, 1] = float("nan")
+    with pytest.raises(NonFiniteFeaturesError, match="NaN/inf"):
+        head.fit_experience(features, torch.tensor([0, 0, 0, 1, 1, 1]))
+    assert all(torch.equal(v, head.state_dict()[k]) for k, v in before.items())
+
+
 def test_ranpac_with_too_few_samples_to_choose_lambda_names_the_split():
     head = _adapted(RanPACHead(4, num_projections=8), 0)
+    gram = head.gram.clone()
     with pytest.raises(ValueError, match="val_fraction"):
         head.fit_experience(torch.randn(1, 4), torch.tensor([0]))  # int(1 * 0.8) = 0 samples to fit
+    assert torch.equal(head.gram, gram) and int(head.fits) == 0  # a refused fit leaves the statistics alone
     fit, val = ridge_split(2, 0.4, torch.Generator().manual_seed(0))  # valid edge: int(2 * 0.6) = 1 fits, 1 validates
     assert sorted(fit.tolist() + val.tolist()) == [0, 1] and len(fit) == len(val) == 1
 

@@ -245,7 +245,9 @@ def test_path_builders_take_a_smaller_spec(builder, write, tmp_path):
         builder(tmp_path, index_dir=tmp_path / "index", spec={"classes": 8})
 
 
-def test_registered_fscil_benchmarks_run_through_the_runner(cifar_root, tmp_path):
+# cub200 also trains the base branch in incremental sessions (its optimizer holds more than the new branch)
+@pytest.mark.parametrize("protocol", ["cifar100", "cub200"])
+def test_registered_fscil_benchmarks_run_through_the_runner(cifar_root, tmp_path, protocol):
     from mambacl.benchmarks import list_benchmarks
     from mambacl.experiments import RunConfig, run_benchmark
     from mambacl.experiments.checkpoint import load_latest_checkpoint
@@ -253,8 +255,8 @@ def test_registered_fscil_benchmarks_run_through_the_runner(cifar_root, tmp_path
     assert {"fscil_cifar100", "fscil_mini_imagenet", "fscil_cub200"} <= set(list_benchmarks())
     config = RunConfig(benchmark="fscil_cifar100", benchmark_args=dict(root=str(cifar_root), spec=vars(SMALL)),
                        strategy="mamba-fscil", model="test_resnet12", epochs=1, batch_size=8, progress=False,
-                       strategy_args=dict(num_classes=8, num_base=4, d_state=4, dt_rank=2, inc_steps=2,
-                                          inc_mb_size=4, base_lr=0.05),
+                       strategy_args=dict(protocol=protocol, num_classes=8, num_base=4, d_state=4, dt_rank=2,
+                                          inc_steps=2, inc_mb_size=4, base_lr=0.05),
                        out=str(tmp_path / "run"))
     results = run_benchmark(config)
     rows = results["experiences"]

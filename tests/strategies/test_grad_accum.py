@@ -86,7 +86,7 @@ def test_the_null_space_projection_runs_once_per_optimizer_step(monkeypatch):
     original = NullSpacePlugin.after_update
 
     def counting(self, strategy, **kwargs):
-        if not getattr(strategy, "accumulating_gradients", False) and self._active:
+        if self._snapshots:  # before_update snapshots the parameters only for a step it will project
             projected[strategy.experience.current_experience] += 1
         return original(self, strategy, **kwargs)
     monkeypatch.setattr(NullSpacePlugin, "after_update", counting)
@@ -114,7 +114,15 @@ def test_accumulation_needs_the_template_loader():
     setup = TrainSetup(backbone=tiny_vim(patch_size=4, embed_dim=16).backbone, train_mb_size=8,
                        plugins=[DistributedPlugin(max_device_batch=2)])
     strategy = create_strategy("replay", setup, mem_size=4)
-    stream = split_digits(n_train=40).train_stream
-    strategy.train(stream[0])  # the buffer is empty: the template's loader, accumulated
     with pytest.raises(TypeError, match="max_device_batch and data_repeat need the template's training loader"):
-        strategy.train(stream[1])  # Avalanche's replay loader
+        strategy.train(split_digits(n_train=40).train_stream[0])  # refused before anything trains
+
+
+def test_accumulation_is_refused_where_the_loss_spans_the_batch():
+    from mambacl.strategies.fscil.strategy import MambaFSCIL
+    plugin = DistributedPlugin(max_device_batch=4)
+    strategy = type("Fake", (), {"plugins": [plugin], "train_mb_size": 8,
+                                 "batch_level_loss": MambaFSCIL.batch_level_loss})()
+    with pytest.raises(ValueError, match="max_device_batch 4: .* use max_device_batch >= 8"):
+        plugin.before_training(strategy)
+    DistributedPlugin(max_device_batch=8).before_training(strategy)  # valid edge: one micro-batch per step

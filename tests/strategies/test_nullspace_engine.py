@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import scipy.linalg
+from scipy.ndimage import gaussian_filter1d
 import torch
 
 from mambacl.strategies.features import delta_x_rows
@@ -265,3 +266,34 @@ def test_eigh_failure_falls_back_to_jitter_then_svd(monkeypatch, failures, solve
     p = eng.update_projectors()["k"]
     assert eng.selected["k"]["solver"] == solver and eng.null_dims["k"] == 13
     torch.testing.assert_close(p, reference @ reference.T, rtol=0, atol=1e-9)
+
+
+def _authors_adaptive_threshold(svals: np.ndarray) -> int:
+    """zugexiaodui/mamba-cl train_eval.py ``adaptive_threshold`` (offset 0), ported: the number of null directions."""
+    points = svals
+    if len(points) >= 128:
+        smooth = gaussian_filter1d(points, sigma=10)
+        diff_o1 = smooth[:-1] - smooth[1:]
+        diff_o2 = diff_o1[:-1] - diff_o1[1:]
+        drop = int(len(points) * 0.03 / 2)
+        valid = diff_o2[drop:-drop]
+        thres = points[np.argmax(valid) + int((len(points) - len(valid)) / 2)]
+    else:
+        diff_o1 = points[:-1] - points[1:]
+        diff_o2 = diff_o1[:-1] - diff_o1[1:]
+        thres = points[np.argmax(diff_o2) + int((len(points) - len(diff_o2)) / 2)]
+    i_thres = np.arange(len(points))[points >= thres].max()
+    return len(points) - i_thres
+
+
+@pytest.mark.parametrize("dim", [64, 100, 128, 300, 768])
+def test_knee_equals_the_authors_rule_on_rank_deficient_covariances(dim):
+    """The knee rule against an independent port of the authors' code, on covariances of fewer feature rows than
+    dimensions (the case the null space exists for), 8 draws per width."""
+    rng = np.random.default_rng(dim)
+    for _ in range(8):
+        rows = int(rng.integers(dim // 4, 3 * dim // 4))
+        x = rng.standard_normal((rows, dim)) * rng.uniform(0.2, 3.0, dim)
+        cov = torch.tensor(x.T @ x / rows) + 1e-9 * torch.eye(dim, dtype=torch.float64)
+        svals = torch.linalg.svdvals(cov)
+        assert null_space_size(svals, "knee") == _authors_adaptive_threshold(svals.numpy()), (dim, rows)

@@ -128,9 +128,16 @@ def wrap_ddp(model: nn.Module, find_unused_parameters: bool = True, **ddp_kwargs
         find_unused_parameters: needed when some trainable parameters get no gradient in a step (e.g. the old
             heads of ``ExperienceHeads`` in training mode).
         ddp_kwargs: further DistributedDataParallel arguments.
+
+    Buffers of modules that set ``ddp_ignore_buffers = True`` (e.g. the fitted heads' class statistics, identical
+    on every rank and possibly large) are left out of DDP's per-step buffer broadcast.
     """
     if not is_distributed():
         return model
+    ignored = [f"{name}.{buffer}" if name else buffer for name, module in model.named_modules()
+               if getattr(module, "ddp_ignore_buffers", False) for buffer, _ in module.named_buffers(recurse=False)]
+    if ignored:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     device = next(model.parameters(), torch.zeros(())).device
     device_ids = [device] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters,

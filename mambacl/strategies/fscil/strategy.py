@@ -85,7 +85,12 @@ class FSCILProtocol:
     def per_session(self, name: str, session: int) -> int:
         """The value of field ``name`` (an int or one int per incremental session) in ``session`` (1-based)."""
         value = getattr(self, name)
-        return value if isinstance(value, int) else value[(session - 1) % len(value)]
+        if isinstance(value, int):
+            return value
+        if not 1 <= session <= len(value):
+            raise ValueError(f"{name} has {len(value)} values, one per incremental session; session {session} has "
+                             "none (give one value, or one per session)")
+        return value[session - 1]
 
 
 #: Published settings (the *_eval_mambafscil.py configs' step_list, copy_list, base_copy_list per incremental
@@ -170,6 +175,11 @@ class MambaFSCIL(SupervisedTemplate):
         >>> strategy.run(bench.train_stream, bench.test_stream)  # doctest: +SKIP
         {'sessions': [...], 'avg': ..., 'pd': ...}
     """
+
+    # DistributedPlugin / the run layer: the base-session loss mixes and weights across the batch, and the
+    # strategy schedules its own learning rate
+    batch_level_loss = True
+    own_lr_schedule = True
 
     def __init__(self, *, backbone: Union[str, FeatureMapBackbone] = "resnet12", img_size: int = 32,
                  num_classes: int = 100, num_base: int = 60, protocol: str = "cifar100",

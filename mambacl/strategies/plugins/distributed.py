@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from avalanche.benchmarks.utils.data_loader import TaskBalancedDataLoader
 from avalanche.core import SupervisedPlugin
+from avalanche.training.plugins import ReplayPlugin
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 from torch.utils.data import DataLoader
@@ -140,10 +141,24 @@ class DistributedPlugin(SupervisedPlugin, supports_distributed=True):
 
     # -- Avalanche callbacks -----------------------------------------------------------------------------------
     def before_training(self, strategy, **kwargs) -> None:
+        if self.max_device_batch is not None or self.data_repeat > 1:
+            self._check_accumulation(strategy)
         if is_distributed():
             for plugin in strategy.plugins:
                 if isinstance(plugin, NullSpacePlugin):
                     shard_nullspace_collection(plugin)
+
+    def _check_accumulation(self, strategy) -> None:
+        """Refuse, before anything trains, what max_device_batch / data_repeat cannot do exactly."""
+        name = type(strategy).__name__
+        if any(isinstance(p, ReplayPlugin) for p in strategy.plugins):
+            raise TypeError(f"{name} trains from Avalanche's replay loader from its second experience on; "
+                            "max_device_batch and data_repeat need the template's training loader")
+        per_rank = check_batch_divisible(strategy.train_mb_size, name="train_mb_size")
+        if getattr(strategy, "batch_level_loss", False) and micro_batches(per_rank, self.max_device_batch) > 1:
+            raise ValueError(f"max_device_batch {self.max_device_batch}: {name}'s loss depends on the whole batch "
+                             "(batch mixing, per-batch class weights), so micro-batches would not give the large "
+                             f"batch's gradients; use max_device_batch >= {per_rank} (or more processes)")
 
     def before_training_exp(self, strategy, **kwargs) -> None:
         check_batch_divisible(strategy.train_mb_size, name="train_mb_size")
